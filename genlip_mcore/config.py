@@ -1,0 +1,355 @@
+"""Typed configuration for genlip_mcore: one tree of dataclasses, variants as data, YAML + key=value overrides.
+
+Nothing in here imports the rest of the package. Every cross-field rule lives in `validate()`, and every error it
+raises names the offending field with its dotted path (`parallel.tensor_model_parallel_size`, ...), so a wrong
+launch fails at start-up instead of an hour into a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message starts with the field's dotted path."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Variants: the spec's numbers (spec §1.2), one row each. `tiny` is ours: small enough for CPU tests and quickstart.
+# ------------------------------------------------------------------------------------------------------------------
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4, text_embed_dim=64,
+                 vocab_size=512, mrope_section=[4, 4, 4], drop_path_rate=0.0),
+    "l16": dict(num_layers=24, hidden_size=1152, ffn_hidden_size=2752, num_attention_heads=16, text_embed_dim=1024,
+                vocab_size=151936, mrope_section=[8, 12, 12], drop_path_rate=0.1),
+    "so16": dict(num_layers=27, hidden_size=1152, ffn_hidden_size=3072, num_attention_heads=16, text_embed_dim=1152,
+                 vocab_size=151936, mrope_section=[12, 12, 12], drop_path_rate=0.1),
+    "g16": dict(num_layers=40, hidden_size=1536, ffn_hidden_size=4096, num_attention_heads=16, text_embed_dim=1024,
+                vocab_size=151936, mrope_section=[16, 16, 16], drop_path_rate=0.2),
+}
+
+ATTENTION_BACKENDS = ("auto", "local", "flex", "te")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+FP8_FORMATS = (None, "e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Field names follow Megatron's TransformerConfig where one exists."""
+
+    variant: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 96
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    text_embed_dim: int = 64          # E: width of the token embedding and LM head (spec §2.2, §2.7)
+    vocab_size: int = 512
+    patch_size: int = 16
+    num_channels: int = 3
+    rope_theta: float = 10000.0
+    mrope_section: list[int] = field(default_factory=lambda: [4, 4, 4])   # interleaved: only [1], [2] matter
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0       # same rate in every layer, as the reference (spec §2.4)
+    layernorm_epsilon: float = 1e-6
+    init_std: float = 0.02
+    transformer_impl: str = "local"   # layer spec: "local" (torch) or "transformer_engine"
+    attention_backend: str = "auto"   # prefix-LM kernel: auto | local (exact, CPU) | flex (torch GPU) | te
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None       # "uniform" | "block" with granularity "full"
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * self.patch_size * self.patch_size
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # gloo pairs "next" and "prev" messages by (peer, tag); with PP=2 both are the same peer and batched p2p
+    # silently mixes microbatches (stack notes §1.3.7). None = batched on NCCL, unbatched on gloo.
+    batch_p2p_comm: Optional[bool] = None
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp8: Optional[str] = None         # format: None | "e4m3" | "hybrid" (Megatron's meaning of `fp8`)
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_param: bool = False
+
+
+@dataclass
+class DataConfig:
+    max_seq_len: int = 1024           # tokens per packed row (THD)
+    # extra alignment of the packed length beyond what TP/SP and FP8 need (computed in `seq_len_multiple`)
+    pad_to_multiple_of: int = 8
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_fraction: float = 0.007
+    lr_decay_style: str = "cosine"
+    # "all" decays every parameter, like the reference (spec §5.3); "matrices" skips 1-D params (norms, biases,
+    # layer scales), Megatron's default.
+    weight_decay_params: str = "all"
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1         # packed rows per micro-batch (flattened into one THD stream)
+    global_batch_size: int = 1        # packed rows per optimizer step, over all DP ranks and micro-batches
+    train_iters: int = 10
+    seed: int = 42
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building: variant -> YAML -> overrides, then validate.
+# ------------------------------------------------------------------------------------------------------------------
+def model_config(variant: str, **overrides: Any) -> ModelConfig:
+    if variant not in VARIANTS:
+        raise ConfigError(f"model.variant: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    return ModelConfig(variant=variant, **{**VARIANTS[variant], **overrides})
+
+
+def load(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
+         *, world_size: Optional[int] = None) -> Config:
+    """YAML file (optional) then `section.key=value` overrides; `model.variant` pulls in that row first."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p!r} is not a section")
+        node[leaf] = _parse_scalar(raw)
+    cfg = from_dict(tree)
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    model_tree = dict(tree.get("model") or {})
+    variant = model_tree.get("variant", "tiny")
+    if variant not in VARIANTS:
+        raise ConfigError(f"model.variant: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    model_tree = {**VARIANTS[variant], **model_tree}
+    sections = {f.name: f for f in fields(Config)}
+    unknown = set(tree) - set(sections)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; sections are {sorted(sections)}")
+    built = {}
+    for name, f in sections.items():
+        sub = model_tree if name == "model" else (tree.get(name) or {})
+        built[name] = _build(get_type_hints(Config)[name], sub, name)
+    return Config(**built)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, values: dict[str, Any], path: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for k in values:
+        if k not in known:
+            raise ConfigError(f"{path}.{k}: unknown field; fields of {path} are {sorted(known)}")
+    return cls(**{k: _coerce(v, hints[k], f"{path}.{k}") for k, v in values.items()})
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], path) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _parse_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation: impossible settings fail here, naming the field.
+# ------------------------------------------------------------------------------------------------------------------
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _check(ok: bool, path: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
+    m, p, pr, d, t, o = cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.training, cfg.optimizer
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    _check(m.variant in VARIANTS, "model.variant", f"unknown variant {m.variant!r}")
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "text_embed_dim",
+                 "vocab_size", "patch_size", "num_channels"):
+        _check(getattr(m, name) >= 1, f"model.{name}", "must be >= 1")
+    _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+           f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    _check(m.head_dim % 2 == 0, "model.hidden_size", f"head_dim {m.head_dim} must be even for rotary embeddings")
+    _check(len(m.mrope_section) == 3, "model.mrope_section", "needs three entries (T, H, W)")
+    _check(3 * max(m.mrope_section[1], m.mrope_section[2]) <= m.head_dim // 2, "model.mrope_section",
+           f"H/W sections {m.mrope_section[1:]} reach past the {m.head_dim // 2} rotary frequencies")
+    _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    _check(m.transformer_impl in TRANSFORMER_IMPLS, "model.transformer_impl", f"choose one of {TRANSFORMER_IMPLS}")
+    _check(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend",
+           f"choose one of {ATTENTION_BACKENDS}")
+    _check(m.recompute_granularity in RECOMPUTE_GRANULARITIES, "model.recompute_granularity",
+           f"choose one of {RECOMPUTE_GRANULARITIES}")
+    if m.recompute_granularity == "full":
+        _check(m.recompute_method in ("uniform", "block"), "model.recompute_method",
+               "must be 'uniform' or 'block' when recompute_granularity is 'full'")
+        _check((m.recompute_num_layers or 0) >= 1, "model.recompute_num_layers", "must be >= 1 for full recompute")
+    needs_te = m.transformer_impl == "transformer_engine" or m.attention_backend == "te"
+    if needs_te:
+        _check(te_available(), "model.transformer_impl",
+               "Transformer Engine is not installed (pip install .[gpu] on a CUDA machine), or use 'local'")
+
+    # Parallel layout.
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
+    _check(p.context_parallel_size == 1, "parallel.context_parallel_size",
+           "context parallelism is not supported (the prefix-LM bottom-right mask has no CP kernel)")
+    _check(m.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
+           f"TP={tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    _check(m.ffn_hidden_size % tp == 0, "parallel.tensor_model_parallel_size",
+           f"TP={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _check(m.vocab_size % tp == 0, "parallel.tensor_model_parallel_size",
+           f"TP={tp} does not divide model.vocab_size={m.vocab_size}")
+    _check(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
+    if vpp is not None:
+        _check(vpp >= 2, "parallel.virtual_pipeline_model_parallel_size", "must be >= 2 or null")
+        _check(pp >= 2, "parallel.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size >= 2")
+    chunks = pp * (vpp or 1)
+    _check(m.num_layers % chunks == 0, "model.num_layers",
+           f"{m.num_layers} layers do not split evenly over PP={pp} x VPP={vpp or 1} = {chunks} chunks")
+    _check(not p.overlap_param_gather or p.use_distributed_optimizer, "parallel.overlap_param_gather",
+           "needs parallel.use_distributed_optimizer")
+
+    # Precision.
+    _check(pr.fp8 in FP8_FORMATS, "precision.fp8", f"choose one of {FP8_FORMATS}")
+    if pr.fp8 is not None:
+        _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"choose one of {FP8_RECIPES}")
+        _check(m.transformer_impl == "transformer_engine", "precision.fp8",
+               "FP8 needs model.transformer_impl=transformer_engine")
+        _check(te_available(), "precision.fp8", "FP8 needs Transformer Engine, which is not installed")
+        _check(pr.bf16, "precision.bf16", "FP8 training runs inside bf16; set precision.bf16=true")
+    _check(not pr.fp8_param or pr.fp8 is not None, "precision.fp8_param", "needs precision.fp8")
+
+    # Data and batch.
+    mult = seq_len_multiple(cfg)
+    _check(d.max_seq_len >= 1 and d.max_seq_len % mult == 0, "data.max_seq_len",
+           f"{d.max_seq_len} must be a positive multiple of {mult} (TP/SP, FP8 and data.pad_to_multiple_of)")
+    _check(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+    if world_size is not None:
+        model_par = tp * pp * p.context_parallel_size
+        _check(world_size % model_par == 0, "parallel.tensor_model_parallel_size",
+               f"TP x PP x CP = {model_par} does not divide the world size {world_size}")
+        dp = world_size // model_par
+        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "training.global_batch_size",
+               f"{t.global_batch_size} is not a multiple of micro_batch_size x DP = {t.micro_batch_size} x {dp}")
+        if vpp is not None:
+            n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+            _check(n_mb % pp == 0, "training.global_batch_size",
+                   f"interleaved pipelining needs the {n_mb} micro-batches per step to be a multiple of PP={pp}")
+    _check(o.weight_decay_params in ("all", "matrices"), "optimizer.weight_decay_params", "'all' or 'matrices'")
+    _check(o.lr > 0 and o.min_lr >= 0, "optimizer.lr", "lr must be > 0 and min_lr >= 0")
+    _check(0.0 <= o.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction", "must be in [0, 1)")
+    return cfg
+
+
+def seq_len_multiple(cfg: Config) -> int:
+    """Packed length alignment: SP splits tokens over TP ranks; FP8 GEMMs want 16 tokens (128 for block scaling)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    need = cfg.data.pad_to_multiple_of
+    if cfg.parallel.sequence_parallel:
+        need = math.lcm(need, tp)
+    if cfg.precision.fp8 is not None:
+        block = 128 if cfg.precision.fp8_recipe in ("blockwise", "mxfp8") else 16
+        need = math.lcm(need, block * (tp if cfg.parallel.sequence_parallel else 1))
+    return need

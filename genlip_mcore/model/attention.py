@@ -1,0 +1,219 @@
+"""The prefix-LM attention rule on packed (THD) rows, and its kernels. This module is its one owner.
+
+Dimensions: T tokens in the packed stream (all micro-batch rows concatenated), S samples in it, n_i / n_t image /
+text tokens of sample s, np heads on this TP rank, hn head_dim.
+
+Every sample is laid out [image patches][text]; a trailing padding sample is text-only. The rule (spec §3.1):
+- an image query sees the image keys of its own sample (bidirectional);
+- a text query sees every earlier-or-equal key of its own sample (so the whole image, and causal text);
+- nothing crosses samples.
+Equivalently, query q at offset j of a sample with n_i image tokens sees offsets 0 .. max(j, n_i - 1).
+
+Backends, all exact and none materialising a T x T mask:
+- `local`: one SDPA call per sample with that sample's (n_i+n_t)^2 mask. Any device; the CPU path and the
+  numerical reference for the others.
+- `flex`: torch flex attention with a block-sparse mask built from sample ids (GPUs without TE).
+- `te`: two Transformer Engine varlen calls (spec §3.3): image queries x image keys (`padding`), text queries x
+  whole-sample keys (`padding_causal_bottom_right`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+
+@dataclass
+class GenLIPPackedSeqParams(PackedSeqParams):
+    """Sample boundaries of one packed stream. Megatron sees qkv_format 'sbhd' (a [T, 1] sequence), so its own
+    code never reinterprets the fields below; our core attention and layers read them."""
+
+    img_lens: list[int] = None            # per sample, padding sample last (n_i = 0)
+    txt_lens: list[int] = None
+    total_len: int = None                 # T
+    sample_of_token: Tensor = None        # [T] long
+    key_limit: Tensor = None              # [T] long: last absolute key index each query may see
+    img_idx: Tensor = None                # [sum n_i] long, absolute positions of image tokens
+    txt_idx: Tensor = None                # [sum n_t] long
+    inv_perm: Tensor = None               # [T] long: cat(img_idx, txt_idx) -> stream order
+    cu_seqlens_img: Tensor = None         # int32 over samples with n_i > 0
+    cu_seqlens_txt: Tensor = None         # int32 over all samples (each has n_t >= 1)
+    cu_seqlens_full: Tensor = None        # int32 over all samples (n_i + n_t)
+    max_seqlen_img: int = None
+    max_seqlen_txt: int = None
+    max_seqlen_full: int = None
+    seed: int = 0                         # identifies the micro-batch; drives drop path, layout-independent
+    drop_path_scale: Optional[Tensor] = None   # [L, 2, S] 0 or 1/(1-p); set by the model in training
+    lm_idx: Optional[Tensor] = None       # [N_lm] long: positions whose target is a label
+
+
+def build_packed_params(img_lens: list[int], txt_lens: list[int], *, device=None, seed: int = 0,
+                        targets: Optional[Tensor] = None) -> GenLIPPackedSeqParams:
+    """Everything the kernels need, computed once per micro-batch on the host from Python lengths."""
+    if len(img_lens) != len(txt_lens) or not img_lens:
+        raise ValueError("img_lens and txt_lens must be non-empty lists of equal length")
+    if min(txt_lens) < 1 or min(img_lens) < 0:
+        raise ValueError("every sample needs at least one text token (padding is a text-only sample)")
+    img = torch.tensor(img_lens, dtype=torch.long)
+    txt = torch.tensor(txt_lens, dtype=torch.long)
+    full = img + txt
+    starts = torch.cumsum(full, 0) - full                                           # [S]
+    total = int(full.sum())
+    sample = torch.repeat_interleave(torch.arange(len(full)), full)                # [T]
+    offset = torch.arange(total) - starts[sample]                                  # [T] offset inside sample
+    n_img_tok = img[sample]
+    key_limit = starts[sample] + torch.maximum(offset, n_img_tok - 1)
+    is_img = offset < n_img_tok
+    img_idx = torch.nonzero(is_img).flatten()
+    txt_idx = torch.nonzero(~is_img).flatten()
+    inv_perm = torch.empty(total, dtype=torch.long)
+    inv_perm[torch.cat([img_idx, txt_idx])] = torch.arange(total)
+
+    def cu(lens: Tensor) -> Tensor:
+        return F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
+
+    lm_idx = None
+    if targets is not None:
+        lm_idx = torch.nonzero(targets.cpu() != -100).flatten()
+    to = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+    return GenLIPPackedSeqParams(
+        qkv_format="sbhd",
+        img_lens=list(img_lens), txt_lens=list(txt_lens), total_len=total,
+        sample_of_token=to(sample), key_limit=to(key_limit),
+        img_idx=to(img_idx), txt_idx=to(txt_idx), inv_perm=to(inv_perm),
+        cu_seqlens_img=to(cu(img[img > 0])), cu_seqlens_txt=to(cu(txt)), cu_seqlens_full=to(cu(full)),
+        max_seqlen_img=int(img.max()), max_seqlen_txt=int(txt.max()), max_seqlen_full=int(full.max()),
+        seed=seed, lm_idx=to(lm_idx) if lm_idx is not None else None,
+    )
+
+
+def sample_mask(n_img: int, n_total: int, device=None) -> Tensor:
+    """[n, n] bool, True = attend: query j sees keys 0 .. max(j, n_img - 1)."""
+    j = torch.arange(n_total, device=device)
+    limit = torch.clamp(j, min=n_img - 1)
+    return j[None, :] <= limit[:, None]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernels. Each takes q [T, np, hn], k/v [T, ng, hn] and returns [T, np, hn].
+# ------------------------------------------------------------------------------------------------------------------
+def attention_local(q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams, scale: float) -> Tensor:
+    out = torch.empty_like(q)
+    start = 0
+    for n_i, n_t in zip(p.img_lens, p.txt_lens):
+        n = n_i + n_t
+        qs, ks, vs = (x[start:start + n].transpose(0, 1) for x in (q, k, v))    # [np, n, hn]
+        mask = sample_mask(n_i, n, device=q.device)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + n] = o.transpose(0, 1)
+        start += n
+    return out
+
+
+_flex_compiled = None
+
+
+def _flex_block_mask(p: GenLIPPackedSeqParams, device):
+    cached = getattr(p, "_flex_block_mask", None)
+    if cached is not None:
+        return cached
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample, limit = p.sample_of_token, p.key_limit
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (sample[q_idx] == sample[kv_idx]) & (kv_idx <= limit[q_idx])
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=p.total_len, KV_LEN=p.total_len,
+                                   device=device)
+    object.__setattr__(p, "_flex_block_mask", block_mask)   # reused by every layer of this micro-batch
+    return block_mask
+
+
+def attention_flex(q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams, scale: float) -> Tensor:
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    hn = q.shape[-1]
+    padded = max(16, 1 << (hn - 1).bit_length())            # flex kernels want a power-of-two head dim
+    qkv = [x.transpose(0, 1)[None] for x in (q, k, v)]      # [1, heads, T, hn]
+    if padded != hn:                                         # zero channels change no score; sliced off below
+        qkv = [F.pad(x, (0, padded - hn)) for x in qkv]
+    out = _flex_compiled(*qkv, block_mask=_flex_block_mask(p, q.device), scale=scale,
+                         enable_gqa=k.shape[1] != q.shape[1])
+    return out[0, ..., :hn].transpose(0, 1)
+
+
+class _TEPair:
+    """Two TE DotProductAttention instances (one per call: TE forbids reusing one inside an FP8 region)."""
+
+    def __init__(self, config, num_heads: int, num_kv: int, hn: int, scale: float, tp_group):
+        import transformer_engine.pytorch as te
+
+        kw = dict(num_gqa_groups=num_kv, attention_dropout=0.0, qkv_format="thd", softmax_scale=scale,
+                  attention_type="self", tp_size=1, tp_group=None)
+        self.img = te.DotProductAttention(num_heads, hn, attn_mask_type="padding", **kw)
+        self.txt = te.DotProductAttention(num_heads, hn, attn_mask_type="padding_causal_bottom_right", **kw)
+
+
+def attention_te(pair: _TEPair, q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams) -> Tensor:
+    qi, ki, vi = (x.index_select(0, p.img_idx) for x in (q, k, v))
+    o_img = pair.img(qi, ki, vi, qkv_format="thd", attn_mask_type="padding",
+                     cu_seqlens_q=p.cu_seqlens_img, cu_seqlens_kv=p.cu_seqlens_img,
+                     max_seqlen_q=p.max_seqlen_img, max_seqlen_kv=p.max_seqlen_img)
+    qt = q.index_select(0, p.txt_idx)
+    o_txt = pair.txt(qt, k, v, qkv_format="thd", attn_mask_type="padding_causal_bottom_right",
+                     cu_seqlens_q=p.cu_seqlens_txt, cu_seqlens_kv=p.cu_seqlens_full,
+                     max_seqlen_q=p.max_seqlen_txt, max_seqlen_kv=p.max_seqlen_full)
+    out = torch.cat([o_img.view(o_img.shape[0], -1), o_txt.view(o_txt.shape[0], -1)])
+    return out.index_select(0, p.inv_perm).view_as(q)
+
+
+def resolve_backend(name: str, transformer_impl: str) -> str:
+    if name != "auto":
+        return name
+    if transformer_impl == "transformer_engine":
+        return "te"
+    return "flex" if torch.cuda.is_available() else "local"
+
+
+class PrefixLMAttention(MegatronModule):
+    """Megatron core-attention module (SelfAttention's `core_attention` slot) applying the prefix-LM rule."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        tp = pg_collection.tp.size() if pg_collection is not None else 1
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.backend = resolve_backend(config.genlip_attention_backend, config.transformer_impl)
+        if self.backend == "te":
+            self._te = _TEPair(config, self.num_heads, self.num_kv, self.head_dim, self.scale, None)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params: Optional[GenLIPPackedSeqParams] = None) -> Tensor:
+        if not isinstance(packed_seq_params, GenLIPPackedSeqParams):
+            raise ValueError("PrefixLMAttention needs GenLIPPackedSeqParams (sample boundaries of the pack)")
+        # Megatron hands sbhd tensors with b = 1: [T, 1, np, hn]; the pack is one sequence.
+        q, k, v = (x.squeeze(1) for x in (query, key, value))                    # [T, heads, hn]
+        if self.backend == "local":
+            out = attention_local(q, k, v, packed_seq_params, self.scale)
+        elif self.backend == "flex":
+            out = attention_flex(q, k, v, packed_seq_params, self.scale)
+        elif self.backend == "te":
+            out = attention_te(self._te, q, k, v, packed_seq_params)
+        else:
+            raise ValueError(f"unknown attention backend {self.backend!r}")
+        return out.reshape(out.shape[0], 1, -1)                                   # [T, 1, np*hn]

@@ -1,0 +1,120 @@
+"""Megatron TransformerConfig and layer specs for GenLIP (local torch modules, or Transformer Engine).
+
+The two specs build the same parameters under the same checkpoint keys: the local spec maps its separate norms
+onto TE's fused names through `sharded_state_dict_keys_map`, so a checkpoint moves between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from genlip_mcore.config import Config
+from genlip_mcore.model.attention import PrefixLMAttention
+from genlip_mcore.model.layer import GenLIPTransformerLayer, SPLayerNorm
+
+
+@dataclass
+class GenLIPTransformerConfig(TransformerConfig):
+    """TransformerConfig plus what Megatron does not have (the pattern Megatron-Bridge uses for Qwen3-VL)."""
+
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0
+    genlip_attention_backend: str = "auto"
+
+
+def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = None) -> GenLIPTransformerConfig:
+    m, p, pr = cfg.model, cfg.parallel, cfg.precision
+    on_gpu = torch.cuda.is_available()
+    te = m.transformer_impl == "transformer_engine"
+    dtype = torch.bfloat16 if pr.bf16 else torch.float32
+    batch_p2p = p.batch_p2p_comm if p.batch_p2p_comm is not None else on_gpu
+    kw = {}
+    if pr.fp8 is not None:
+        kw = dict(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, fp8_amax_history_len=pr.fp8_amax_history_len,
+                  fp8_amax_compute_algo=pr.fp8_amax_compute_algo, fp8_param=pr.fp8_param)
+    if m.recompute_granularity is not None:
+        kw.update(recompute_granularity=m.recompute_granularity)
+        if m.recompute_granularity == "full":
+            kw.update(recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers)
+        else:
+            kw.update(recompute_modules=list(m.recompute_modules))
+    return GenLIPTransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_attention_heads,
+        kv_channels=m.head_dim, normalization="LayerNorm", layernorm_epsilon=m.layernorm_epsilon,
+        add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
+        attention_output_gate=True, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel, context_parallel_size=1,
+        bf16=pr.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+        perform_initialization=False,          # model/init.py draws every weight, independent of the layout
+        gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        batch_p2p_comm=batch_p2p, variable_seq_lengths=False, calculate_per_token_loss=True,
+        transformer_impl="transformer_engine" if te else "local",
+        layer_scale_init=m.layer_scale_init, drop_path_rate=m.drop_path_rate,
+        genlip_attention_backend=m.attention_backend, **kw,
+    )
+
+
+def layer_spec(transformer_impl: str) -> ModuleSpec:
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import (
+            TELayerNormColumnParallelLinear, TERowParallelLinear,
+        )
+
+        qkv, proj, fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear, \
+            TELayerNormColumnParallelLinear, TERowParallelLinear
+        norm, keys_map = IdentityOp, {}
+    else:
+        qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+        norm = SPLayerNorm
+        keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    return ModuleSpec(
+        module=GenLIPTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},     # the mask lives in PrefixLMAttention
+                submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=PrefixLMAttention,
+                                                   linear_proj=proj),
+            ),
+            self_attn_bda=get_bias_dropout_add,                     # replaced by the layer's residual add
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+
+
+def final_norm_cls(transformer_impl: str):
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return SPLayerNorm
+
+
+def block_spec(config: GenLIPTransformerConfig, vp_stage=None) -> TransformerBlockSubmodules:
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(config.transformer_impl)] * n,
+                                      layer_norm=final_norm_cls(config.transformer_impl))
