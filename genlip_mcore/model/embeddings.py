@@ -17,6 +17,8 @@ from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from genlip_mcore.model.spec import _no_init
+
 
 def _dev(config):
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -31,7 +33,7 @@ class GenLIPEmbedding(MegatronModule):
         super().__init__(config=config)
         D = config.hidden_size
         self.patch_embed = replicated_linear(config, patch_dim, D)
-        self.word_embeddings = VocabParallelEmbedding(vocab_size, text_embed_dim, init_method=lambda w: None,
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, text_embed_dim, init_method=_no_init,
                                                       config=config, reduce_scatter_embeddings=False)
         # E == D (So16) has no projection at all, as in the reference (nn.Identity there).
         self.in_proj = replicated_linear(config, text_embed_dim, D) if text_embed_dim != D else None

@@ -26,7 +26,7 @@ from genlip_mcore.config import ModelConfig
 from genlip_mcore.model.attention import GenLIPPackedSeqParams
 from genlip_mcore.model.embeddings import GenLIPEmbedding, replicated_linear
 from genlip_mcore.model.rope import mrope_angles
-from genlip_mcore.model.spec import GenLIPTransformerConfig, block_spec
+from genlip_mcore.model.spec import GenLIPTransformerConfig, _no_init, block_spec
 
 
 def drop_path_scale(seed: int, micro_batch_seed: int, num_layers: int, num_samples: int, rate: float,
@@ -43,6 +43,7 @@ class GenLIPModel(MegatronModule):
                  post_process: bool = True, vp_stage: Optional[int] = None, seed: int = 0):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False   # untied (spec §2.7); read by finalize_model_grads
         self.model_cfg = model_cfg
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.seed = seed
@@ -57,7 +58,7 @@ class GenLIPModel(MegatronModule):
             # The head reads the full (SP-gathered) hidden states, so it is built as a plain TP column layer:
             # its input gradient is all-reduced over TP, making the gather's backward a plain split.
             head_cfg = dataclasses.replace(config, sequence_parallel=False)
-            self.output_layer = ColumnParallelLinear(E, V, config=head_cfg, init_method=lambda w: None,
+            self.output_layer = ColumnParallelLinear(E, V, config=head_cfg, init_method=_no_init,
                                                      bias=False, gather_output=False, skip_bias_add=True)
 
     def set_input_tensor(self, input_tensor) -> None:

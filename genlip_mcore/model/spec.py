@@ -26,6 +26,10 @@ from genlip_mcore.model.attention import PrefixLMAttention
 from genlip_mcore.model.layer import GenLIPTransformerLayer, SPLayerNorm
 
 
+def _no_init(weight) -> None:
+    """Leave the tensor as allocated; `model.init.initialize_weights` fills it afterwards."""
+
+
 @dataclass
 class GenLIPTransformerConfig(TransformerConfig):
     """TransformerConfig plus what Megatron does not have (the pattern Megatron-Bridge uses for Qwen3-VL)."""
@@ -63,7 +67,9 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
         sequence_parallel=p.sequence_parallel, context_parallel_size=1,
         bf16=pr.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
         use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
-        perform_initialization=False,          # model/init.py draws every weight, independent of the layout
+        # Megatron's init helpers also tag TP-split weights (tensor_model_parallel, partition_dim), which the
+        # grad-norm and our own init rely on; so they run, with no-op draws: model/init.py draws every weight.
+        perform_initialization=True, init_method=_no_init, output_layer_init_method=_no_init,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         batch_p2p_comm=batch_p2p, variable_seq_lengths=False, calculate_per_token_loss=True,

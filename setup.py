@@ -1,0 +1,41 @@
+"""Packaging for genlip_mcore. Install with the pins of constraints.txt, e.g.
+
+    pip install -c constraints.txt -e ".[dev]"      # CPU development and CI
+    pip install -c constraints.txt -e ".[gpu]"      # on a CUDA image that already has a CUDA torch
+
+Without the constraints file pip may resolve `torch` to a CUDA build (several GB) on a CPU machine.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="genlip_mcore",
+    version="0.1.0",
+    description="GenLIP vision-language pretraining on Megatron-Core",
+    packages=find_packages(include=["genlip_mcore", "genlip_mcore.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        # 0.16.1 is what CI runs (the newest release for Python 3.11); the model uses public mcore APIs that exist
+        # across this range. cpu_backend touches private names and is only exercised with the CI pin.
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # undeclared runtime dependency of megatron.core.dist_checkpointing
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        # GPU only: never install these on a CPU machine (they need a CUDA torch and a CUDA runtime).
+        "gpu": [
+            "transformer-engine[pytorch]>=2.6",
+            # DALI wheels are per CUDA major version: CUDA 13 images use nvidia-dali-cuda130 instead.
+            "nvidia-dali-cuda120",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "genlip-pretrain=genlip_mcore.train.__main__:main",
+            "genlip-model-info=genlip_mcore.info:main",
+        ],
+    },
+)
