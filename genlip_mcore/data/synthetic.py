@@ -78,3 +78,11 @@ class SyntheticPacks:
         if self.next_mb * self.mbs == self.per_rank:
             self.iteration, self.next_mb = self.iteration + 1, 0
         return concat(rows, seed=first)
+
+
+def blind_floor(batch: Batch, num_colours: int = 8) -> float:
+    """Lowest mean caption loss a model that cannot see the image can reach on `batch`: colour targets are
+    uniform over the palette to it (ln num_colours each); prompt-determined END tokens cost nothing."""
+    labelled = batch.targets != IGNORE_INDEX
+    colour = (batch.targets >= COLOUR0) & (batch.targets < COLOUR0 + num_colours)
+    return float(colour.sum()) * torch.log(torch.tensor(float(num_colours))).item() / max(int(labelled.sum()), 1)
