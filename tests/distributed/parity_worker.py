@@ -25,6 +25,10 @@ LAYOUTS = {
                             "parallel.overlap_param_gather=true"],
     "tp2_pp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                    "parallel.sequence_parallel=true"],
+    # bf16 params and activations (Float16Module) with fp32 main weights: close to fp32, not equal.
+    "tp2_pp2_sp_bf16_distopt": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                                "parallel.sequence_parallel=true", "precision.bf16=true",
+                                "parallel.use_distributed_optimizer=true"],
 }
 
 

@@ -1,0 +1,36 @@
+"""Initialisation follows spec §5.2, checked on a g16-width layer (statistics) and exactly on constants."""
+
+import math
+
+import torch
+
+from genlip_mcore import config as C
+
+
+def test_init_matches_spec_5_2(tp1):
+    model, cfg = tp1(C.Config(model=C.model_config("tiny", hidden_size=256, ffn_hidden_size=512,
+                                                   num_attention_heads=4, text_embed_dim=128, num_layers=2,
+                                                   mrope_section=[10, 10, 10])))
+    D, hd = 256, 64
+    sd = dict(model.named_parameters())
+    qkv = sd["decoder.layers.0.self_attention.linear_qkv.weight"].detach().view(4, 4, hd, D)   # [head, q/g/k/v]
+    qg, kv = qkv[:, :2], qkv[:, 2:]
+    assert abs(qg.abs().max().item() - math.sqrt(6 / (3 * D))) < 2e-3        # Xavier bound of q_proj [2D, D]
+    assert abs(kv.abs().max().item() - math.sqrt(6 / (2 * D))) < 2e-3        # Xavier bound of k/v [D, D]
+    proj = sd["decoder.layers.0.self_attention.linear_proj.weight"]
+    assert abs(proj.abs().max().item() - math.sqrt(6 / (2 * D))) < 2e-3
+    for name in ("decoder.layers.1.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc2.weight",
+                 "embedding.patch_embed.weight", "embedding.word_embeddings.weight", "embedding.in_proj.weight",
+                 "proj.weight", "output_layer.weight"):
+        assert abs(sd[name].std().item() - 0.02) < 1.5e-3, name
+        assert abs(sd[name].mean().item()) < 2e-3, name
+    for name, p in sd.items():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif "layernorm" in name:
+            assert torch.all(p == 1), name
+        elif name.endswith(("ls_attn", "ls_mlp")):
+            assert torch.allclose(p, torch.full_like(p, 0.1)), name
+    # Different parameters draw different values (seeded per name, not one shared stream).
+    a, b = sd["decoder.layers.0.mlp.linear_fc2.weight"], sd["decoder.layers.1.mlp.linear_fc2.weight"]
+    assert not torch.equal(a, b)
