@@ -68,6 +68,13 @@ class SyntheticPacks:
         self.per_rank = global_batch_size // dp_size
         self.iteration, self.next_mb = start_iteration, 0
 
+    @classmethod
+    def for_config(cls, cfg, dp_rank: int, dp_size: int) -> "SyntheticPacks":
+        t = cfg.training
+        return cls(seed=t.seed, max_seq_len=cfg.data.max_seq_len, patch_dim=cfg.model.patch_dim,
+                   global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                   dp_rank=dp_rank, dp_size=dp_size, vocab_size=cfg.model.vocab_size)
+
     def __iter__(self):
         return self
 

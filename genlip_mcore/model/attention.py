@@ -154,28 +154,26 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams, sc
     return out[0, ..., :hn].transpose(0, 1)
 
 
-class _TEPair:
-    """Two TE DotProductAttention instances (one per call: TE forbids reusing one inside an FP8 region)."""
+def _te_pair(num_heads: int, num_kv: int, hn: int, scale: float):
+    """Two TE DotProductAttention modules, one per call: TE forbids reusing one inside an FP8 autocast region."""
+    import transformer_engine.pytorch as te
 
-    def __init__(self, config, num_heads: int, num_kv: int, hn: int, scale: float, tp_group):
-        import transformer_engine.pytorch as te
-
-        kw = dict(num_gqa_groups=num_kv, attention_dropout=0.0, qkv_format="thd", softmax_scale=scale,
-                  attention_type="self", tp_size=1, tp_group=None)
-        self.img = te.DotProductAttention(num_heads, hn, attn_mask_type="padding", **kw)
-        self.txt = te.DotProductAttention(num_heads, hn, attn_mask_type="padding_causal_bottom_right", **kw)
+    kw = dict(num_gqa_groups=num_kv, attention_dropout=0.0, qkv_format="thd", softmax_scale=scale,
+              attention_type="self")
+    return (te.DotProductAttention(num_heads, hn, attn_mask_type="padding", **kw),
+            te.DotProductAttention(num_heads, hn, attn_mask_type="padding_causal_bottom_right", **kw))
 
 
-def attention_te(pair: _TEPair, q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams) -> Tensor:
+def attention_te(te_img, te_txt, q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams) -> Tensor:
     if p.img_idx.numel() > 0:
         qi, ki, vi = (x.index_select(0, p.img_idx) for x in (q, k, v))
-        o_img = pair.img(qi, ki, vi, qkv_format="thd", attn_mask_type="padding",
+        o_img = te_img(qi, ki, vi, qkv_format="thd", attn_mask_type="padding",
                          cu_seqlens_q=p.cu_seqlens_img, cu_seqlens_kv=p.cu_seqlens_img,
                          max_seqlen_q=p.max_seqlen_img, max_seqlen_kv=p.max_seqlen_img)
     else:                                                    # an all-text pack: call 1 has nothing to do
         o_img = q.new_zeros(0, q.shape[1] * q.shape[2])
     qt = q.index_select(0, p.txt_idx)
-    o_txt = pair.txt(qt, k, v, qkv_format="thd", attn_mask_type="padding_causal_bottom_right",
+    o_txt = te_txt(qt, k, v, qkv_format="thd", attn_mask_type="padding_causal_bottom_right",
                      cu_seqlens_q=p.cu_seqlens_txt, cu_seqlens_kv=p.cu_seqlens_full,
                      max_seqlen_q=p.max_seqlen_txt, max_seqlen_kv=p.max_seqlen_full)
     out = torch.cat([o_img.view(o_img.shape[0], -1), o_txt.view(o_txt.shape[0], -1)])
@@ -207,7 +205,8 @@ class PrefixLMAttention(MegatronModule):
             raise ValueError("model.attention_backend=flex needs a CUDA GPU (torch has no flex backward on CPU); "
                              "use 'local' or 'auto'")
         if self.backend == "te":
-            self._te = _TEPair(config, self.num_heads, self.num_kv, self.head_dim, self.scale, None)
+            # Registered submodules, so train/eval, device moves and FP8 extra state follow the model.
+            self.te_img, self.te_txt = _te_pair(self.num_heads, self.num_kv, self.head_dim, self.scale)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: Optional[GenLIPPackedSeqParams] = None) -> Tensor:
@@ -220,7 +219,7 @@ class PrefixLMAttention(MegatronModule):
         elif self.backend == "flex":
             out = attention_flex(q, k, v, packed_seq_params, self.scale)
         elif self.backend == "te":
-            out = attention_te(self._te, q, k, v, packed_seq_params)
+            out = attention_te(self.te_img, self.te_txt, q, k, v, packed_seq_params)
         else:
             raise ValueError(f"unknown attention backend {self.backend!r}")
         return out.reshape(out.shape[0], 1, -1)                                   # [T, 1, np*hn]

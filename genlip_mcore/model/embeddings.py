@@ -17,15 +17,12 @@ from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from genlip_mcore.model.layer import param_device
 from genlip_mcore.model.spec import _no_init
 
 
-def _dev(config):
-    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-
-
 def replicated_linear(config, in_features: int, out_features: int, bias: bool = True) -> torch.nn.Linear:
-    return torch.nn.Linear(in_features, out_features, bias=bias, dtype=config.params_dtype, device=_dev(config))
+    return torch.nn.Linear(in_features, out_features, bias=bias, dtype=config.params_dtype, device=param_device(config))
 
 
 class GenLIPEmbedding(MegatronModule):

@@ -19,6 +19,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 
+def param_device(config):
+    """Where our own parameters live: as Megatron's CPU-init path, the default device (CPU, or meta inside
+    `with torch.device("meta")`), else the current GPU."""
+    return None if config.use_cpu_initialization else torch.cuda.current_device()
+
+
 class SPLayerNorm(torch.nn.LayerNorm):
     """torch LayerNorm with Megatron's norm signature that also works under sequence parallelism.
 
@@ -36,7 +42,7 @@ class GenLIPTransformerLayer(TransformerLayer):
                  vp_stage=None):
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
-        dev = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        dev = param_device(config)
         shape = (config.hidden_size,)
         self.ls_attn = torch.nn.Parameter(torch.full(shape, config.layer_scale_init, dtype=config.params_dtype,
                                                      device=dev))

@@ -32,7 +32,7 @@ def run(cfg: C.Config) -> list[float]:
     from genlip_mcore.model import build_model_chunks
     from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
     from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
-    from genlip_mcore.train.step import train_step
+    from genlip_mcore.train.step import step_shape, train_step
 
     setup_model_parallel(cfg.parallel, cfg.training.seed)
     chunks = wrap_chunks(cfg, build_model_chunks(cfg))
@@ -40,17 +40,14 @@ def run(cfg: C.Config) -> list[float]:
     scheduler = build_scheduler(cfg, optimizer)
     dp_rank, dp = data_parallel_info()
     t = cfg.training
-    data = SyntheticPacks(seed=t.seed, max_seq_len=cfg.data.max_seq_len, patch_dim=cfg.model.patch_dim,
-                          global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
-                          dp_rank=dp_rank, dp_size=dp, vocab_size=cfg.model.vocab_size)
-    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    data = SyntheticPacks.for_config(cfg, dp_rank, dp)
+    shape = step_shape(cfg, dp)
     losses = []
     is_logger = parallel_state.get_data_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage(
         ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0
     for it in range(1, t.train_iters + 1):
         start = time.perf_counter()
-        r = train_step(chunks, optimizer, scheduler, data, num_microbatches=n_mb,
-                       seq_length=t.micro_batch_size * cfg.data.max_seq_len)
+        r = train_step(chunks, optimizer, scheduler, data, **shape)
         dt = time.perf_counter() - start
         losses.append(r.loss)
         if is_logger:

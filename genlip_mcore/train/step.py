@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -49,6 +48,13 @@ def forward_step(data_iterator, model):
     batch = batch.to(device)
     output = model(batch.tokens, batch.patches, batch.position_ids, packed, targets=batch.targets)
     return output, loss_func
+
+
+def step_shape(cfg, dp_size: int) -> dict:
+    """Micro-batches per step on this DP rank, and the packed stream length each one has (static PP shapes)."""
+    t = cfg.training
+    return dict(num_microbatches=t.global_batch_size // (t.micro_batch_size * dp_size),
+                seq_length=t.micro_batch_size * cfg.data.max_seq_len)
 
 
 def train_step(chunks: list, optimizer, scheduler, data_iterator, *, num_microbatches: int,

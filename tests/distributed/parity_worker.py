@@ -39,7 +39,7 @@ def run_layout(name, overrides, ckpt_dir, world):
     from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
     from genlip_mcore.train.checkpoint import load_model
     from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
-    from genlip_mcore.train.step import train_step
+    from genlip_mcore.train.step import step_shape, train_step
 
     cfg = C.load(None, BASE + overrides, world_size=world)
     setup_model_parallel(cfg.parallel, cfg.training.seed)
@@ -51,14 +51,10 @@ def run_layout(name, overrides, ckpt_dir, world):
     optimizer = build_optimizer(cfg, wrapped)
     scheduler = build_scheduler(cfg, optimizer)
     dp_rank, dp = data_parallel_info()
-    t = cfg.training
-    data = SyntheticPacks(seed=t.seed, max_seq_len=cfg.data.max_seq_len, patch_dim=cfg.model.patch_dim,
-                          global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
-                          dp_rank=dp_rank, dp_size=dp, vocab_size=cfg.model.vocab_size)
+    data = SyntheticPacks.for_config(cfg, dp_rank, dp)
     out = {"loss": [], "grad_norm": [], "lr": [], "tokens": [], "init_equal": init_equal}
-    for _ in range(t.train_iters):
-        r = train_step(wrapped, optimizer, scheduler, data, num_microbatches=t.global_batch_size // (
-            t.micro_batch_size * dp), seq_length=t.micro_batch_size * cfg.data.max_seq_len)
+    for _ in range(cfg.training.train_iters):
+        r = train_step(wrapped, optimizer, scheduler, data, **step_shape(cfg, dp))
         out["loss"].append(r.loss)
         out["grad_norm"].append(r.grad_norm)
         out["lr"].append(r.lr)

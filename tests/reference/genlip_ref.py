@@ -16,9 +16,8 @@ Dimension legend
 State-dict keys follow the HF layout of spec section 8.1 exactly.
 """
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
