@@ -11,11 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PKG = "genlip_mcore"
-HF_STANDALONE = ("configuration_genlip", "modeling_genlip")
 
 
 def module_name(path: Path) -> str:
@@ -125,22 +123,6 @@ def test_model_never_imports_data_or_train():
 def test_nothing_outside_train_imports_train():
     assert violations(lambda n: not within(n, f"{PKG}.train"),
                       lambda n, mod, lvl: not within(mod, f"{PKG}.train")) == []
-
-
-@pytest.mark.parametrize("stem", HF_STANDALONE)
-def test_hf_files_are_standalone(stem):
-    """Copied into every HF export and loaded with trust_remote_code: no genlip_mcore, no megatron. The modeling
-    file may import its sibling configuration file relatively, which is how HF remote code is written."""
-    name = f"{PKG}.hf.{stem}"
-    if name not in MODULES:
-        pytest.skip(f"{name} not written yet")
-
-    def allowed(n, mod, level):
-        if level and mod == f"{PKG}.hf.configuration_genlip":
-            return True
-        return not ours(mod) and not within(mod, "megatron")
-
-    assert violations(lambda n: n == name, allowed) == []
 
 
 def test_import_of_package_and_config_pulls_no_gpu_only_dependency():
