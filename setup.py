@@ -22,9 +22,15 @@ setup(
         "psutil",  # undeclared runtime dependency of megatron.core.dist_checkpointing
         "numpy",
         "pyyaml",
+        "pillow",
+        "webdataset>=1.0",      # shard patterns (braceexpand) and shard writing
+        "sentencepiece>=0.2",   # self-contained tokenizers trained on the captions
+        "tokenizers>=0.19",     # HF tokenizer.json (the released Qwen3 vocabulary)
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
+        # DALI runs its CPU operators without a GPU, so CI tests the DALI path too (about 1 GB installed).
+        "dali": ["nvidia-dali-cuda120"],
         # GPU only: never install these on a CPU machine (they need a CUDA torch and a CUDA runtime).
         "gpu": [
             "transformer-engine[pytorch]>=2.6",
@@ -36,6 +42,7 @@ setup(
         "console_scripts": [
             "genlip-pretrain=genlip_mcore.train.__main__:main",
             "genlip-model-info=genlip_mcore.info:main",
+            "genlip-data=genlip_mcore.data.__main__:main",
         ],
     },
 )

@@ -102,9 +102,32 @@ class PrecisionConfig:
 
 @dataclass
 class DataConfig:
+    # Webdataset shards: each entry a path, glob or brace pattern ("/data/cc/{00000..00999}.tar"). Empty: the
+    # generated colour-patch packs of data/synthetic.py (smoke runs and tests).
+    sources: list[str] = field(default_factory=list)
+    source_weights: list[float] = field(default_factory=list)   # mixing weights, one per source (default equal)
+    stage: int = 1                    # 1: fixed image_size (spec §6.4); 2: native resolution, smart_resize (§6.5)
+    image_size: int = 224
+    min_pixels: int = 4096
+    max_pixels: int = 262144
+    max_image_pixels: int = 89_478_485   # decompression-bomb limit (PIL's default)
+    max_aspect_ratio: float = 200.0
+    decoder: str = "pil"              # "pil" (in loader workers) or "dali" (after packing; GPU "mixed" or CPU)
+    dali_device: str = "cpu"          # "cpu" | "mixed" (nvJPEG on the GPU)
+    tokenizer_kind: str = "sentencepiece"   # "sentencepiece" | "hf" (a tokenizer.json, e.g. Qwen3's)
+    tokenizer_path: str = ""
+    end_text: Optional[str] = None    # labelled end of every sample; None: the tokenizer's default
+    prompt: str = "Describe the image in detail."
+    max_caption_tokens: Optional[int] = None
+    max_sample_len: Optional[int] = None
     max_seq_len: int = 1024           # tokens per packed row (THD)
     # extra alignment of the packed length beyond what TP/SP and FP8 need (computed in `seq_len_multiple`)
     pad_to_multiple_of: int = 8
+    pack_buffer: int = 200            # samples considered by the first-fit packer (the reference uses 200)
+    shuffle_shards: int = 2           # shards whose samples are shuffled together (a window); more = more memory
+    num_workers: int = 2              # loader processes per rank; each reads its own shards
+    max_skip_fraction: float = 0.5    # stop the run when more than this fraction of a window of samples is bad
+    skip_window: int = 2000
 
 
 @dataclass
@@ -217,6 +240,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
     if origin is list:
+        if isinstance(value, str) and args[0] is str:   # `data.sources=/shards/{0..9}.tar` on a command line
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_coerce(v, args[0], path) for v in value]
@@ -258,8 +283,15 @@ def _parse_scalar(raw: str) -> Any:
 # ------------------------------------------------------------------------------------------------------------------
 # Validation: impossible settings fail here, naming the field.
 # ------------------------------------------------------------------------------------------------------------------
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:     # a missing parent package
+        return False
+
+
 def te_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    return _has_module("transformer_engine")
 
 
 def _check(ok: bool, path: str, msg: str) -> None:
@@ -342,10 +374,46 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
             n_mb = t.global_batch_size // (t.micro_batch_size * dp)
             _check(n_mb % pp == 0, "training.global_batch_size",
                    f"interleaved pipelining needs the {n_mb} micro-batches per step to be a multiple of PP={pp}")
+    _validate_data(d)
     _check(o.weight_decay_params in ("all", "matrices"), "optimizer.weight_decay_params", "'all' or 'matrices'")
     _check(o.lr > 0 and o.min_lr >= 0, "optimizer.lr", "lr must be > 0 and min_lr >= 0")
     _check(0.0 <= o.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction", "must be in [0, 1)")
     return cfg
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check(d.stage in (1, 2), "data.stage", "must be 1 (fixed 224) or 2 (native resolution)")
+    _check(d.decoder in ("pil", "dali"), "data.decoder", "'pil' or 'dali'")
+    _check(d.dali_device in ("cpu", "mixed"), "data.dali_device", "'cpu' or 'mixed'")
+    if d.decoder == "dali":
+        _check(_has_module("nvidia.dali"), "data.decoder",
+               "DALI is not installed (pip install nvidia-dali-cuda120), use 'pil'")
+    _check(d.tokenizer_kind in ("sentencepiece", "hf"), "data.tokenizer_kind", "'sentencepiece' or 'hf'")
+    _check(d.image_size % 16 == 0 or d.stage == 2, "data.image_size", "must be a multiple of the patch size")
+    _check(d.pack_buffer >= 1 and d.shuffle_shards >= 1 and d.num_workers >= 0, "data.pack_buffer",
+           "pack_buffer and shuffle_shards must be >= 1, num_workers >= 0")
+    _check(0.0 < d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in (0, 1]")
+    _check(not d.source_weights or len(d.source_weights) == len(d.sources), "data.source_weights",
+           f"{len(d.source_weights)} weights for {len(d.sources)} sources")
+    _check(all(w > 0 for w in d.source_weights), "data.source_weights", "weights must be > 0")
+    for i, pattern in enumerate(d.sources):
+        _check(bool(expand_shards(pattern)), f"data.sources[{i}]", f"{pattern!r} matches no file")
+    if d.sources:
+        _check(bool(d.tokenizer_path) and Path(d.tokenizer_path).exists(), "data.tokenizer_path",
+               f"{d.tokenizer_path!r} does not exist (train one with `genlip-data train-tokenizer`)")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace patterns, then globs; sorted, de-duplicated existing files."""
+    import glob
+
+    from braceexpand import braceexpand
+
+    found: list[str] = []
+    for part in braceexpand(pattern):
+        found += sorted(glob.glob(part)) if any(c in part for c in "*?[") else ([part] if Path(part).is_file()
+                                                                                 else [])
+    return list(dict.fromkeys(found))
 
 
 def seq_len_multiple(cfg: Config) -> int:

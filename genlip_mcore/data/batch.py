@@ -27,6 +27,7 @@ class Batch:
     txt_lens: list[int]       # per sample, each >= 1
     seed: int = 0             # global identity of this micro-batch (drop path draws); layout-independent
     num_samples: int = 0      # real samples (padding excluded)
+    sample_keys: list = field(default_factory=list)   # (shard key, epoch) per real sample, for audits and tests
     stats: dict = field(default_factory=dict)
 
     @property
@@ -48,4 +49,5 @@ def concat(batches: list[Batch], seed: int) -> Batch:
         position_ids=torch.cat([b.position_ids for b in batches], 1),
         targets=torch.cat([b.targets for b in batches]),
         img_lens=[n for b in batches for n in b.img_lens], txt_lens=[n for b in batches for n in b.txt_lens],
-        seed=seed, num_samples=sum(b.num_samples for b in batches))
+        seed=seed, num_samples=sum(b.num_samples for b in batches),
+        sample_keys=[k for b in batches for k in b.sample_keys])

@@ -40,7 +40,13 @@ def run(cfg: C.Config) -> list[float]:
     scheduler = build_scheduler(cfg, optimizer)
     dp_rank, dp = data_parallel_info()
     t = cfg.training
-    data = SyntheticPacks.for_config(cfg, dp_rank, dp)
+    if cfg.data.sources:
+        from genlip_mcore.data.loader import DataLoader
+
+        data = DataLoader(cfg.data, patch_size=cfg.model.patch_size, seed=t.seed, dp_rank=dp_rank, dp_size=dp,
+                          micro_batch_size=t.micro_batch_size)
+    else:
+        data = SyntheticPacks.for_config(cfg, dp_rank, dp)
     shape = step_shape(cfg, dp)
     losses = []
     is_logger = parallel_state.get_data_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage(
@@ -67,12 +73,16 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     try:
         cfg = C.load(args.config, args.overrides, world_size=world)
+        if cfg.data.sources:
+            from genlip_mcore.data.loader import check_tokenizer
+
+            check_tokenizer(cfg.data, cfg.model.vocab_size)
     except C.ConfigError as e:
         print(f"genlip-pretrain: config error: {e}", file=sys.stderr)
         return 2
     init_distributed()
     losses = run(cfg)
-    if losses:
+    if losses and not cfg.data.sources:
         from genlip_mcore.data.synthetic import blind_floor, make_row
 
         rows = [make_row(i, seed=cfg.training.seed, max_seq_len=cfg.data.max_seq_len,

@@ -28,3 +28,19 @@ def test_wrong_config_fails_before_any_work_naming_the_field():
     assert proc.returncode == 2
     assert "parallel.tensor_model_parallel_size" in proc.stderr
     assert "iteration" not in proc.stdout
+
+
+def test_trains_on_webdataset_shards_and_checks_the_vocabulary(tmp_path):
+    from genlip_mcore.data.shapes import make_shapes
+
+    make_shapes(tmp_path, samples=300, shards=4, seed=1, heldout=16)
+    subprocess.run([sys.executable, "-m", "genlip_mcore.data", "train-tokenizer", "--shards",
+                    str(tmp_path / "train" / "*.tar"), "--out", str(tmp_path / "tok"), "--vocab-size", "400"],
+                   check=True, capture_output=True, cwd=REPO)
+    data = [f"data.sources={tmp_path}/train/*.tar", f"data.tokenizer_path={tmp_path}/tok/tokenizer.model"]
+    proc = _run(*data, "training.train_iters=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"\| loss ([\d.]+) \|", proc.stdout)]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    small = _run(*data, "model.vocab_size=256", timeout=120)
+    assert small.returncode == 2 and "model.vocab_size: 256 is smaller than the tokenizer's" in small.stderr
