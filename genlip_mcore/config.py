@@ -411,7 +411,7 @@ def expand_shards(pattern: str) -> list[str]:
 
     found: list[str] = []
     for part in braceexpand(pattern):
-        found += sorted(glob.glob(part)) if any(c in part for c in "*?[") else ([part] if Path(part).is_file()
+        found += sorted(glob.glob(part, recursive=True)) if any(c in part for c in "*?[") else ([part] if Path(part).is_file()
                                                                                  else [])
     return list(dict.fromkeys(found))
 

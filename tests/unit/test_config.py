@@ -416,8 +416,8 @@ def test_te_example_fails_validation_without_te(no_te, path):
 
 
 @pytest.mark.parametrize("path", TE_EXAMPLES, ids=lambda p: p.name)
-def test_te_example_is_the_reference_recipe(with_te, path):
-    """Spec §7, and valid as a whole on a TE machine at its intended scale (DP 32)."""
+def test_te_example_is_the_reference_recipe(with_te, path, tmp_path):
+    """Spec §7, and valid as a whole on a TE machine at its intended scale (DP 32), once pointed at real data."""
     variant, stage = path.stem.split("_stage")
     cfg = C.from_dict(yaml.safe_load(path.read_text()))
     assert cfg.model.variant == variant
@@ -431,5 +431,12 @@ def test_te_example_is_the_reference_recipe(with_te, path):
     assert cfg.optimizer.lr_decay_style == "cosine"
     assert cfg.data.max_seq_len == 16384 and cfg.training.micro_batch_size == 16
     assert cfg.training.seed == 42
+    assert cfg.data.stage == int(stage) and cfg.data.tokenizer_kind == "hf"
+    assert cfg.data.decoder == "dali" and cfg.data.dali_device == "mixed"
     model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    with pytest.raises(C.ConfigError, match=r"^data.sources\[0\]: .* matches no file"):
+        C.validate(cfg, world_size=32 * model_parallel)
+    (tmp_path / "000.tar").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cfg.data.sources, cfg.data.tokenizer_path = [str(tmp_path / "*.tar")], str(tmp_path / "tokenizer.json")
     C.validate(cfg, world_size=32 * model_parallel)
