@@ -41,9 +41,9 @@ def train_keys(root):
     return sorted(r.key for s in sorted((root / "train").glob("*.tar")) for r in index_shard(str(s), Counter()))
 
 
-def loader(shapes, dp_rank=0, dp_size=1, state=None, **kw):
+def loader(shapes, dp_rank=0, dp_size=1, state=None, mbs=2, **kw):
     return DataLoader(data_cfg(shapes, **kw), patch_size=16, seed=5, dp_rank=dp_rank, dp_size=dp_size,
-                      micro_batch_size=2, state=state)
+                      micro_batch_size=mbs, state=state)
 
 
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shapes):
@@ -59,15 +59,15 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shapes):
     assert sorted(seen) == train_keys(shapes[0])            # the union, exactly once
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_batches_of_an_uninterrupted_run(shapes, workers):
-    straight = loader(shapes, num_workers=workers)
+@pytest.mark.parametrize("workers,mbs", [(0, 2), (2, 2), (2, 1)])    # (2, 1): 3 rows in, so the workers rotate
+def test_resume_gives_the_batches_of_an_uninterrupted_run(shapes, workers, mbs):
+    straight = loader(shapes, num_workers=workers, mbs=mbs)
     expected = [next(straight) for _ in range(7)]
-    first = loader(shapes, num_workers=workers)
+    first = loader(shapes, num_workers=workers, mbs=mbs)
     for _ in range(3):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))      # it must survive a checkpoint round trip
-    resumed = loader(shapes, num_workers=workers, state=state)
+    resumed = loader(shapes, num_workers=workers, state=state, mbs=mbs)
     for want in expected[3:]:
         got = next(resumed)
         assert got.sample_keys == want.sample_keys
@@ -107,12 +107,19 @@ BAD_SAMPLES = {   # key -> (members, expected skip reason)
     "bad_json": ({"jpg": _jpeg(), "json": b'{"caption": "a red'}, "malformed_json"),
     "no_image": ({"json": GOOD_CAPTION}, "missing_image"),
 }
+def _webp():
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 70), (200, 200, 10)).save(buf, "WEBP")
+    return buf.getvalue()
+
+
 CONVERTED = {   # odd modes are converted, not dropped
     "palette": _png(Image.new("RGB", (90, 70), (10, 200, 10)).convert("P")),
     "palette_alpha": _png(Image.new("RGBA", (90, 70), (10, 200, 10, 128)).convert("P")),
     "cmyk": _jpeg(mode="CMYK", colour=(0, 200, 200, 0)),
     "grey16": _png(Image.new("I;16", (90, 70), 40000)),
     "rgba": _png(Image.new("RGBA", (90, 70), (10, 10, 200, 50))),
+    "webp": _webp(),
 }
 
 
@@ -129,7 +136,8 @@ def _write(path, samples):
 def bad_shards(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     good = [(f"good{i}", {"jpg": _jpeg((60 + 10 * i, 50)), "json": GOOD_CAPTION}) for i in range(6)]
-    good += [(k, {"png" if v[:4] == b"\x89PNG" else "jpg": v, "json": GOOD_CAPTION}) for k, v in CONVERTED.items()]
+    ext = {b"\x89PNG": "png", b"RIFF": "webp"}
+    good += [(k, {ext.get(v[:4], "jpg"): v, "json": GOOD_CAPTION}) for k, v in CONVERTED.items()]
     bad = [(k, m) for k, (m, _) in BAD_SAMPLES.items()]
     _write(root / "mixed.tar", good[:6] + bad + good[6:])
     _write(root / "cut_full.tar", [(f"cut{i}", {"jpg": _jpeg(), "json": GOOD_CAPTION}) for i in range(4)])
