@@ -23,6 +23,7 @@ setup(
         "numpy",
         "pyyaml",
         "pillow",
+        "tqdm",
         "webdataset>=1.0",      # shard patterns (braceexpand) and shard writing
         "sentencepiece>=0.2",   # self-contained tokenizers trained on the captions
         "tokenizers>=0.19",     # HF tokenizer.json (the released Qwen3 vocabulary)
@@ -31,6 +32,10 @@ setup(
         "dev": ["pytest", "pytest-timeout"],
         # DALI runs its CPU operators without a GPU, so CI tests the DALI path too (about 1 GB installed).
         "dali": ["nvidia-dali-cuda120"],
+        # metrics sinks, imported only when enabled in the config (logging.tensorboard / logging.wandb_mode)
+        "logging": ["tensorboard", "wandb"],
+        # HF export and AutoModel loading of exported checkpoints
+        "hf": ["transformers>=4.50", "safetensors"],
         # GPU only: never install these on a CPU machine (they need a CUDA torch and a CUDA runtime).
         "gpu": [
             "transformer-engine[pytorch]>=2.6",
@@ -43,6 +48,7 @@ setup(
             "genlip-pretrain=genlip_mcore.train.__main__:main",
             "genlip-model-info=genlip_mcore.info:main",
             "genlip-data=genlip_mcore.data.__main__:main",
+            "genlip-caption=genlip_mcore.caption:main",
         ],
     },
 )

@@ -152,6 +152,25 @@ class TrainingConfig:
     global_batch_size: int = 1        # packed rows per optimizer step, over all DP ranks and micro-batches
     train_iters: int = 10
     seed: int = 42
+    run_dir: str = "runs/default"     # metrics.jsonl, tensorboard/, wandb/, and checkpoints/ unless save_dir is set
+    save_dir: Optional[str] = None    # default: <run_dir>/checkpoints
+    save_interval: int = 0            # iterations between checkpoints; 0: only at the end
+    keep_last: int = 3                # checkpoints kept (older ones are deleted after a successful save)
+    load_dir: Optional[str] = None    # resume everything (model, optimizer, schedule, data position, RNG)
+    init_from: Optional[str] = None   # load model weights only (stage 2 from a stage-1 checkpoint)
+    exit_interval: Optional[int] = None   # save and exit when iteration % exit_interval == 0 (Megatron's meaning)
+    max_nonfinite_steps: int = 3      # consecutive non-finite steps (skipped) before the run stops
+    log_interval: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb_mode: str = "disabled"      # "disabled" (no network, no files) | "offline" (files only) | "online"
+    wandb_project: str = "genlip"
+    wandb_name: Optional[str] = None
+    progress_bar: Optional[bool] = None   # None: only when stdout is a terminal
+    peak_tflops: Optional[float] = None   # per device, for MFU; None: from the device name (H100/H200 989 bf16)
 
 
 @dataclass
@@ -162,6 +181,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -375,6 +395,18 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
             _check(n_mb % pp == 0, "training.global_batch_size",
                    f"interleaved pipelining needs the {n_mb} micro-batches per step to be a multiple of PP={pp}")
     _validate_data(d)
+    _check(t.train_iters >= 1, "training.train_iters", "must be >= 1")
+    _check(t.save_interval >= 0 and t.keep_last >= 1, "training.save_interval",
+           "save_interval must be >= 0 and keep_last >= 1")
+    _check(t.max_nonfinite_steps >= 1 and t.log_interval >= 1, "training.max_nonfinite_steps",
+           "max_nonfinite_steps and log_interval must be >= 1")
+    _check(not (t.load_dir and t.init_from), "training.init_from",
+           "set either training.load_dir (resume) or training.init_from (weights only), not both")
+    for name in ("load_dir", "init_from"):
+        path = getattr(t, name)
+        _check(path is None or Path(path).is_dir(), f"training.{name}", f"{path!r} is not a directory")
+    _check(cfg.logging.wandb_mode in ("disabled", "offline", "online"), "logging.wandb_mode",
+           "'disabled', 'offline' or 'online'")
     _check(o.weight_decay_params in ("all", "matrices"), "optimizer.weight_decay_params", "'all' or 'matrices'")
     _check(o.lr > 0 and o.min_lr >= 0, "optimizer.lr", "lr must be > 0 and min_lr >= 0")
     _check(0.0 <= o.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction", "must be in [0, 1)")

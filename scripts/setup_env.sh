@@ -46,8 +46,8 @@ fi
 
 log "upgrading pip"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-log "installing: pip install -c constraints.txt -e \".[dev,dali]\""
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev,dali]"
+log "installing: pip install -c constraints.txt -e \".[dev,dali,logging,hf]\""
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev,dali,logging,hf]"
 "$VENV/bin/python" -W ignore - <<'PY'
 import megatron.core, torch
 print(f"[setup_env] installed torch {torch.__version__}, megatron-core {megatron.core.__version__}")

@@ -178,6 +178,14 @@ def _identity(x):
     return x
 
 
+def _worker_init(_worker_id: int) -> None:
+    # A SIGKILLed trainer must not leave workers behind: they would block forever flushing into a result pipe
+    # whose read end their siblings still hold.
+    from genlip_mcore.procutil import die_with_parent
+
+    die_with_parent()
+
+
 class DataLoader:
     """Micro-batches of `micro_batch_size` rows for one data-parallel rank, resumable with state_dict()."""
 
@@ -193,7 +201,7 @@ class DataLoader:
         rows = PackedRows(d, patch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                           slot_states=self.slot_states, rotation=self.rows % self.workers)
         self._it = iter(torch.utils.data.DataLoader(
-            rows, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
+            rows, batch_size=None, num_workers=d.num_workers, collate_fn=_identity, worker_init_fn=_worker_init,
             persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None))
         self._dali = None
 

@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 from genlip_mcore import config as C
 
@@ -23,45 +22,6 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="YAML config (see examples/configs)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return ap.parse_args(argv)
-
-
-def run(cfg: C.Config) -> list[float]:
-    from megatron.core import parallel_state
-
-    from genlip_mcore.data.synthetic import SyntheticPacks
-    from genlip_mcore.model import build_model_chunks
-    from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
-    from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
-    from genlip_mcore.train.step import step_shape, train_step
-
-    setup_model_parallel(cfg.parallel, cfg.training.seed)
-    chunks = wrap_chunks(cfg, build_model_chunks(cfg))
-    optimizer = build_optimizer(cfg, chunks)
-    scheduler = build_scheduler(cfg, optimizer)
-    dp_rank, dp = data_parallel_info()
-    t = cfg.training
-    if cfg.data.sources:
-        from genlip_mcore.data.loader import DataLoader
-
-        data = DataLoader(cfg.data, patch_size=cfg.model.patch_size, seed=t.seed, dp_rank=dp_rank, dp_size=dp,
-                          micro_batch_size=t.micro_batch_size)
-    else:
-        data = SyntheticPacks.for_config(cfg, dp_rank, dp)
-    shape = step_shape(cfg, dp)
-    losses = []
-    is_logger = parallel_state.get_data_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage(
-        ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0
-    for it in range(1, t.train_iters + 1):
-        start = time.perf_counter()
-        r = train_step(chunks, optimizer, scheduler, data, **shape)
-        dt = time.perf_counter() - start
-        losses.append(r.loss)
-        if is_logger:
-            tokens = t.global_batch_size * cfg.data.max_seq_len
-            log.info(f"iteration {it:6d}/{t.train_iters} | lr {r.lr:.3e} | loss {r.loss:.4f} | "
-                     f"grad norm {r.grad_norm:.3f} | caption tokens {r.num_tokens} | "
-                     f"{tokens / dt:,.0f} tokens/s | {dt * 1000:.0f} ms")
-    return losses
 
 
 def main(argv=None) -> int:
@@ -81,7 +41,13 @@ def main(argv=None) -> int:
         print(f"genlip-pretrain: config error: {e}", file=sys.stderr)
         return 2
     init_distributed()
-    losses = run(cfg)
+    from genlip_mcore.train.loop import train
+
+    try:
+        losses = [r.loss for r in train(cfg)]
+    except RuntimeError as e:           # data or numerics that cannot go on: one clear line, no traceback wall
+        log.error(f"genlip-pretrain: stopped: {e}")
+        return 1
     if losses and not cfg.data.sources:
         from genlip_mcore.data.synthetic import blind_floor, make_row
 

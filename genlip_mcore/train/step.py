@@ -9,6 +9,7 @@ over micro-batches and data-parallel ranks.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class StepResult:
     num_tokens: int           # caption tokens in the global batch
     grad_norm: float
     lr: float
-    update_successful: bool
+    update_successful: bool   # False: the step was skipped (non-finite loss or gradient), nothing was changed
 
 
 def _device():
@@ -68,12 +69,26 @@ def train_step(chunks: list, optimizer, scheduler, data_iterator, *, num_microba
     reduced = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=1, forward_only=False)
+    loss, count = _global_loss(reduced)
+    lr = optimizer.param_groups[0]["lr"]
+    if not (math.isfinite(loss) and _grads_finite(chunks)):
+        # bf16 has no loss scaler to catch this: skip the update so the weights, optimizer moments and schedule
+        # stay exactly as they were; the caller counts it and stops after several in a row.
+        optimizer.zero_grad()
+        return StepResult(loss=loss, num_tokens=count, grad_norm=float("nan"), lr=lr, update_successful=False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
-    loss, count = _global_loss(reduced)
-    return StepResult(loss=loss, num_tokens=count, grad_norm=float(grad_norm or 0.0),
-                      lr=optimizer.param_groups[0]["lr"], update_successful=bool(update_successful))
+    return StepResult(loss=loss, num_tokens=count, grad_norm=float(grad_norm or 0.0), lr=lr,
+                      update_successful=bool(update_successful))
+
+
+def _grads_finite(chunks: list) -> bool:
+    """All gradient buffers finite on every rank (one MIN all-reduce of a flag over the world)."""
+    ok = all(torch.isfinite(buf.grad_data).all() for m in chunks for buf in m.buffers)
+    flag = torch.tensor([1.0 if ok else 0.0], device=_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _global_loss(reduced: list) -> tuple[float, int]:

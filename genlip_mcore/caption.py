@@ -1,0 +1,196 @@
+"""`genlip-caption`: greedy captions from a training checkpoint (any TP/PP layout) or an HF export directory.
+
+    genlip-caption --checkpoint runs/tiny/checkpoints img1.jpg img2.png      # a save dir (follows `latest`) or iter_*
+    genlip-caption --hf exports/genlip-l16 --stage 2 --max-new-tokens 256 photo.jpg
+
+Prints one line per image, `path<TAB>caption`, in the order given (whitespace runs inside a caption, newlines
+included, become one space). An image that cannot be read is reported on stderr and the exit status is 1; the
+others are still captioned.
+
+Everything runs through the HF model (`hf/modeling_genlip.py`) in fp32: a checkpoint is first turned into HF-layout
+tensors by `ckpt.load_for_inference`, so both sources give the same numbers. Images are preprocessed exactly as in
+training (`data.images`: stage 1 a fixed square, stage 2 native resolution) and the prompt is laid out as in
+training (`data.sample`: [image][prompt ids], the prompt stripped and tokenized on its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from genlip_mcore.data.errors import SkipSample
+from genlip_mcore.data.images import ImageConfig, decode_pil
+from genlip_mcore.data.tokenizer import Tokenizer, load_tokenizer
+from genlip_mcore.hf.configuration_genlip import DEFAULT_PROMPT, GenLIPConfig
+from genlip_mcore.hf.modeling_genlip import GenLIPModel
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------------------------
+def hf_config(cfg) -> GenLIPConfig:
+    """Training `Config` -> the HF config of the same model (with its preprocessing and prompt)."""
+    m, d = cfg.model, cfg.data
+    return GenLIPConfig(
+        hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, patch_size=m.patch_size, num_channels=m.num_channels,
+        ls_init_value=m.layer_scale_init, drop_path_rate=m.drop_path_rate, layer_norm_eps=m.layernorm_epsilon,
+        text_embed_dim=m.text_embed_dim, vocab_size=m.vocab_size, rope_theta=m.rope_theta,
+        mrope_section=list(m.mrope_section), initializer_range=m.init_std, image_size=d.image_size,
+        image_stage=d.stage, min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompt=d.prompt,
+        end_text=d.end_text, architectures=["GenLIPModel"])
+
+
+def tokenizer_kind(path: str | Path) -> str:
+    """'sentencepiece' or 'hf', from the files: tokenizer.model / *.model vs tokenizer.json / *.json."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "tokenizer.model").is_file():
+            return "sentencepiece"
+        if (p / "tokenizer.json").is_file():
+            return "hf"
+        raise FileNotFoundError(f"{p} holds neither tokenizer.model nor tokenizer.json")
+    return "hf" if p.suffix == ".json" else "sentencepiece"
+
+
+def _image_config(stage, image_size, patch_size, min_pixels, max_pixels, **limits) -> ImageConfig:
+    return ImageConfig(stage=int(stage), image_size=image_size, patch_size=patch_size, min_pixels=min_pixels,
+                       max_pixels=max_pixels, **limits)
+
+
+def _from_checkpoint(path, tokenizer, stage):
+    from genlip_mcore.ckpt import load_for_inference
+
+    cfg, state, tok_copy = load_for_inference(path)
+    config = hf_config(cfg)
+    with torch.device("meta"):            # no random init of weights that are replaced right away
+        model = GenLIPModel(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    d = cfg.data
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer_kind(tokenizer), tokenizer, d.end_text)
+    else:
+        tok = load_tokenizer(d.tokenizer_kind, tok_copy or d.tokenizer_path, d.end_text)
+    image_cfg = _image_config(stage or d.stage, d.image_size, cfg.model.patch_size, d.min_pixels, d.max_pixels,
+                              max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
+    return model, tok, image_cfg, d.prompt
+
+
+def _from_hf(path, tokenizer, stage):
+    model = GenLIPModel.from_pretrained(path, dtype=torch.float32)
+    c = model.config
+    tok_path = tokenizer if tokenizer is not None else path
+    tok = load_tokenizer(tokenizer_kind(tok_path), tok_path, getattr(c, "end_text", None))
+    image_cfg = _image_config(stage or getattr(c, "image_stage", 1), getattr(c, "image_size", 224), c.patch_size,
+                              getattr(c, "min_pixels", 4096), getattr(c, "max_pixels", 262144))
+    return model, tok, image_cfg, getattr(c, "prompt", DEFAULT_PROMPT)
+
+
+def load_captioner(checkpoint=None, hf=None, tokenizer=None, *, stage: Optional[int] = None,
+                   device: Optional[str] = None):
+    """-> (model, tokenizer, image_cfg, prompt), the model in eval mode, fp32, on `device` (default: cuda if present).
+
+    checkpoint: a save dir or one iter_* dir (any TP/PP). hf: an export directory (config.json + safetensors +
+    tokenizer files). tokenizer: overrides the checkpoint's copy / the export's files. stage: overrides the image
+    preprocessing of the checkpoint (1: fixed square, 2: native resolution)."""
+    if (checkpoint is None) == (hf is None):
+        raise ValueError("give exactly one of checkpoint and hf")
+    model, tok, image_cfg, prompt = (_from_checkpoint(checkpoint, tokenizer, stage) if checkpoint is not None
+                                     else _from_hf(hf, tokenizer, stage))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.config.vocab_size}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device=device, dtype=torch.float32).eval(), tok, image_cfg, prompt
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Captioning
+# ------------------------------------------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt as training lays it out: stripped, tokenized on its own, no special tokens (spec §6.3)."""
+    prompt = (prompt or "").strip()
+    return tokenizer.encode(prompt) if prompt else []
+
+
+def iter_captions(model: GenLIPModel, tokenizer: Tokenizer, image_cfg: ImageConfig, paths: Sequence[str | Path],
+                  prompt: str, max_new_tokens: int,
+                  batch_size: int) -> Iterator[tuple[str, Optional[str], Optional[str]]]:
+    """(path, caption, None) per image in order, or (path, None, reason) for an image that cannot be read."""
+    ids = prompt_ids(tokenizer, prompt)
+    paths = [str(p) for p in paths]
+    for start in range(0, len(paths), max(1, batch_size)):
+        chunk = paths[start:start + max(1, batch_size)]
+        images, errors = {}, {}
+        for p in chunk:
+            try:
+                images[p] = decode_pil(Path(p).read_bytes(), image_cfg)      # [3, H, W] in [-1, 1]
+            except (SkipSample, OSError) as e:
+                errors[p] = f"{type(e).__name__}: {e}"
+        good = [p for p in chunk if p in images]
+        out = model.generate_captions([images[p] for p in good], prompt_ids=ids, max_new_tokens=max_new_tokens,
+                                      end_ids=tokenizer.end_ids) if good else []
+        captions = dict(zip(good, out))
+        for p in chunk:
+            if p in errors:
+                yield p, None, errors[p]
+            else:
+                yield p, tokenizer.decode(captions[p]), None
+
+
+def caption_files(model, tokenizer, image_cfg, paths, prompt, max_new_tokens, batch_size) -> list[str]:
+    """Greedy captions of image files, in order. Raises ValueError naming the first image that cannot be read."""
+    captions = []
+    for path, caption, error in iter_captions(model, tokenizer, image_cfg, paths, prompt, max_new_tokens,
+                                              batch_size):
+        if error is not None:
+            raise ValueError(f"{path}: {error}")
+        captions.append(caption)
+    return captions
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genlip-caption", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="training save dir (follows `latest`) or one iter_* checkpoint")
+    src.add_argument("--hf", help="HF export directory (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="images captioned together (padded batch)")
+    p.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (or a directory holding one)")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                   help="image preprocessing: 1 fixed square, 2 native resolution (default: the model's)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
+                                                   device=args.device)
+    prompt = prompt if args.prompt is None else args.prompt
+    failed = 0
+    for path, caption, error in iter_captions(model, tok, image_cfg, args.images, prompt, args.max_new_tokens,
+                                              args.batch_size):
+        if error is not None:
+            failed += 1
+            print(f"{path}: skipped ({error})", file=sys.stderr)
+            continue
+        print(f"{path}\t{' '.join(caption.split())}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
