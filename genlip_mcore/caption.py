@@ -144,6 +144,43 @@ def iter_captions(model: GenLIPModel, tokenizer: Tokenizer, image_cfg: ImageConf
                 yield p, tokenizer.decode(captions[p]), None
 
 
+def caption_shards(model, tokenizer, image_cfg, pattern: str, prompt: str, max_new_tokens: int, batch_size: int,
+                   limit: Optional[int] = None) -> list[dict]:
+    """Greedy captions of the images in webdataset shards, next to each sample's own caption (held-out evaluation).
+    Returns [{"key", "caption", "truth"}] in shard order; samples whose image or caption cannot be read are left out."""
+    from collections import Counter
+
+    from genlip_mcore.config import expand_shards
+    from genlip_mcore.data.loader import IMAGE_EXTS
+    from genlip_mcore.data.sample import parse_record
+    from genlip_mcore.data.shards import index_shard, read_sample
+
+    items = []
+    for shard in expand_shards(pattern):
+        for ref in index_shard(shard, Counter()):
+            data = read_sample(ref)
+            image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+            try:
+                truth = " ".join(t for role, t in parse_record(data, stage=2) if role == "assistant")
+                items.append((ref.key, decode_pil(image, image_cfg), truth))
+            except (SkipSample, TypeError):
+                continue
+            if limit and len(items) >= limit:
+                break
+    ids, out = prompt_ids(tokenizer, prompt), []
+    for start in range(0, len(items), max(1, batch_size)):
+        chunk = items[start:start + max(1, batch_size)]
+        gen = model.generate_captions([img for _, img, _ in chunk], prompt_ids=ids, max_new_tokens=max_new_tokens,
+                                      end_ids=tokenizer.end_ids)
+        out += [{"key": k, "caption": tokenizer.decode(g).strip(), "truth": t.strip()}
+                for (k, _, t), g in zip(chunk, gen)]
+    return out
+
+
+def exact_match(rows: list[dict]) -> float:
+    return sum(r["caption"] == r["truth"] for r in rows) / max(len(rows), 1)
+
+
 def caption_files(model, tokenizer, image_cfg, paths, prompt, max_new_tokens, batch_size) -> list[str]:
     """Greedy captions of image files, in order. Raises ValueError naming the first image that cannot be read."""
     captions = []
@@ -164,7 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="training save dir (follows `latest`) or one iter_* checkpoint")
     src.add_argument("--hf", help="HF export directory (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--shards", default=None, help="caption the images of webdataset shards and compare each with its "
+                   "own caption (held-out evaluation): prints key, caption, truth and the exact-match rate")
+    p.add_argument("--limit", type=int, default=None, help="with --shards: at most this many samples")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="images captioned together (padded batch)")
     p.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
@@ -181,6 +221,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
                                                    device=args.device)
     prompt = prompt if args.prompt is None else args.prompt
+    if args.shards:
+        rows = caption_shards(model, tok, image_cfg, args.shards, prompt, args.max_new_tokens, args.batch_size,
+                              args.limit)
+        for r in rows:
+            print(f"{'ok  ' if r['caption'] == r['truth'] else 'MISS'} {r['key']}\t{r['caption']}\t(true: {r['truth']})")
+        print(f"exact match: {exact_match(rows):.1%} of {len(rows)} held-out images")
+        return 0 if rows else 1
+    if not args.images:
+        print("genlip-caption: give image files or --shards", file=sys.stderr)
+        return 2
     failed = 0
     for path, caption, error in iter_captions(model, tok, image_cfg, args.images, prompt, args.max_new_tokens,
                                               args.batch_size):

@@ -25,6 +25,12 @@ LAYOUTS = {
                             "parallel.overlap_param_gather=true"],
     "tp2_pp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                    "parallel.sequence_parallel=true"],
+    # Activation recompute replays the same drop-path decisions (they travel with the batch): same numbers.
+    "tp2_pp2_recompute_full": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                               "model.recompute_granularity=full", "model.recompute_method=uniform",
+                               "model.recompute_num_layers=1"],
+    "tp2_sp_recompute_selective": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                                   "model.recompute_granularity=selective"],
     # bf16 params and activations (Float16Module) with fp32 main weights: close to fp32, not equal.
     "tp2_pp2_sp_bf16_distopt": ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                                 "parallel.sequence_parallel=true", "precision.bf16=true",

@@ -22,7 +22,8 @@ def results(tmp_path_factory):
     return json.loads((d / "out.json").read_text())
 
 
-LAYOUTS = ["tp2", "pp2", "tp2_sp", "pp2_vpp2", "tp2_dp2_distopt", "dp4_distopt_overlap", "tp2_pp2_sp"]
+LAYOUTS = ["tp2", "pp2", "tp2_sp", "pp2_vpp2", "tp2_dp2_distopt", "dp4_distopt_overlap", "tp2_pp2_sp",
+           "tp2_pp2_recompute_full", "tp2_sp_recompute_selective"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
