@@ -22,6 +22,10 @@ class Poisoned:
     def __init__(self, cfg, bad):
         self.packs, self.bad, self.n = SyntheticPacks.for_config(cfg, 0, 1), set(bad), 0
 
+    @property
+    def iteration(self):                  # the loop saves this as the data position of generated packs
+        return self.packs.iteration
+
     def __iter__(self):
         return self
 
