@@ -49,6 +49,7 @@ setup(
             "genlip-model-info=genlip_mcore.info:main",
             "genlip-data=genlip_mcore.data.__main__:main",
             "genlip-caption=genlip_mcore.caption:main",
+            "genlip-convert=genlip_mcore.convert:main",
         ],
     },
 )

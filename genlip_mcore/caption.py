@@ -26,7 +26,8 @@ import torch
 from genlip_mcore.data.errors import SkipSample
 from genlip_mcore.data.images import ImageConfig, decode_pil
 from genlip_mcore.data.tokenizer import Tokenizer, load_tokenizer
-from genlip_mcore.hf.configuration_genlip import DEFAULT_PROMPT, GenLIPConfig
+from genlip_mcore.hf.configuration_genlip import DEFAULT_PROMPT
+from genlip_mcore.hf.export import hf_config
 from genlip_mcore.hf.modeling_genlip import GenLIPModel
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------------------------
-def hf_config(cfg) -> GenLIPConfig:
-    """Training `Config` -> the HF config of the same model (with its preprocessing and prompt)."""
-    m, d = cfg.model, cfg.data
-    return GenLIPConfig(
-        hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, patch_size=m.patch_size, num_channels=m.num_channels,
-        ls_init_value=m.layer_scale_init, drop_path_rate=m.drop_path_rate, layer_norm_eps=m.layernorm_epsilon,
-        text_embed_dim=m.text_embed_dim, vocab_size=m.vocab_size, rope_theta=m.rope_theta,
-        mrope_section=list(m.mrope_section), initializer_range=m.init_std, image_size=d.image_size,
-        image_stage=d.stage, min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompt=d.prompt,
-        end_text=d.end_text, architectures=["GenLIPModel"])
-
-
 def tokenizer_kind(path: str | Path) -> str:
     """'sentencepiece' or 'hf', from the files: tokenizer.model / *.model vs tokenizer.json / *.json."""
     p = Path(path)
@@ -79,7 +67,8 @@ def _from_checkpoint(path, tokenizer, stage):
     else:
         tok = load_tokenizer(d.tokenizer_kind, tok_copy or d.tokenizer_path, d.end_text)
     image_cfg = _image_config(stage or d.stage, d.image_size, cfg.model.patch_size, d.min_pixels, d.max_pixels,
-                              max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
+                              max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio,
+                              jpeg_draft=d.jpeg_draft)
     return model, tok, image_cfg, d.prompt
 
 
@@ -89,7 +78,8 @@ def _from_hf(path, tokenizer, stage):
     tok_path = tokenizer if tokenizer is not None else path
     tok = load_tokenizer(tokenizer_kind(tok_path), tok_path, getattr(c, "end_text", None))
     image_cfg = _image_config(stage or getattr(c, "image_stage", 1), getattr(c, "image_size", 224), c.patch_size,
-                              getattr(c, "min_pixels", 4096), getattr(c, "max_pixels", 262144))
+                              getattr(c, "min_pixels", 4096), getattr(c, "max_pixels", 262144),
+                              jpeg_draft=bool(getattr(c, "jpeg_draft", False)))
     return model, tok, image_cfg, getattr(c, "prompt", DEFAULT_PROMPT)
 
 
@@ -181,6 +171,26 @@ def exact_match(rows: list[dict]) -> float:
     return sum(r["caption"] == r["truth"] for r in rows) / max(len(rows), 1)
 
 
+def attribute_accuracy(rows: list[dict]) -> Optional[dict[str, float]]:
+    """For the generated shapes data (every truth in its fixed template): the fraction of captions that name the
+    right colour, shape and position; None for other data."""
+    from genlip_mcore.data.shapes import parse_caption
+
+    try:
+        truths = [parse_caption(r["truth"]) for r in rows]
+    except ValueError:
+        return None
+    hits = {"colour": 0, "shape": 0, "position": 0}
+    for r, t in zip(rows, truths):
+        try:
+            got = parse_caption(r["caption"])
+        except ValueError:
+            continue
+        for k in hits:
+            hits[k] += got[k] == t[k]
+    return {k: v / max(len(rows), 1) for k, v in hits.items()} if rows else None
+
+
 def caption_files(model, tokenizer, image_cfg, paths, prompt, max_new_tokens, batch_size) -> list[str]:
     """Greedy captions of image files, in order. Raises ValueError naming the first image that cannot be read."""
     captions = []
@@ -227,6 +237,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in rows:
             print(f"{'ok  ' if r['caption'] == r['truth'] else 'MISS'} {r['key']}\t{r['caption']}\t(true: {r['truth']})")
         print(f"exact match: {exact_match(rows):.1%} of {len(rows)} held-out images")
+        per = attribute_accuracy(rows)
+        if per is not None:
+            print("attributes right: " + ", ".join(f"{k} {v:.1%}" for k, v in per.items()))
         return 0 if rows else 1
     if not args.images:
         print("genlip-caption: give image files or --shards", file=sys.stderr)

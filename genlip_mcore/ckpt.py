@@ -84,3 +84,138 @@ def load_for_inference(path: str | Path):
     if meta.get("tokenizer"):
         tok = ckpt / meta["tokenizer"]
     return cfg, hf, tok
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing: model state through dist_checkpointing, and the crash-safe publish every save goes through
+# ------------------------------------------------------------------------------------------------------------------
+def _unwrap(m):
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_model(chunks: list, path: str) -> None:
+    """Model tensors only, no metadata (tests)."""
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(model_sharded_state_dict(chunks), path)
+
+
+def load_model(chunks: list, path: str) -> None:
+    """Model tensors of any checkpoint into these chunks, whatever layout wrote it (resharded on load)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
+    for i, c in enumerate(chunks):
+        _unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
+
+
+def layout() -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(), "world": dist.get_world_size()}
+
+
+_results_manager = None
+
+
+def _writer_queue_dies_with_us() -> None:
+    """dist_checkpointing's writer reports through a Manager queue served by a spawned process, which it starts
+    lazily and which outlives a SIGKILLed trainer (holding its pipes and terminal forever). Start that server
+    ourselves, set to die with its parent. Touches a private name of megatron.core 0.16 (checked: filesystem_async)."""
+    global _results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if _results_manager is None and getattr(fa, "_results_queue", 1) is None:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        from genlip_mcore.procutil import die_with_parent
+
+        _results_manager = SyncManager(ctx=mp.get_context("spawn"))
+        _results_manager.start(die_with_parent)
+        fa._results_queue = _results_manager.Queue()
+
+
+def prepare_save(save_dir: Path, name: str) -> tuple[Path, Path]:
+    """(tmp, final) for checkpoint `name`; rank 0 clears leftovers of crashed saves and makes tmp. Collective."""
+    import shutil
+
+    import torch.distributed as dist
+
+    tmp, final = save_dir / f".tmp_{name}", save_dir / name
+    _writer_queue_dies_with_us()
+    if dist.get_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(".tmp_*"):                    # a crashed earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    return tmp, final
+
+
+def publish(tmp: Path, final: Path, meta: dict, tokenizer: Optional[str], keep_last: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: metadata, tokenizer copy, rename, `latest`, keep-last-K."""
+    import logging
+    import shutil
+
+    if tokenizer:
+        meta["tokenizer"] = copy_tokenizer(tokenizer, tmp)
+    (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_latest(final.parent, final.name)
+    for old in checkpoints(final.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    logging.getLogger(__name__).info(f"saved checkpoint {final}")
+
+
+def copy_tokenizer(path: str, dest: Path) -> str:
+    """Copy the tokenizer files into `dest`/tokenizer; returns the path to load them from, relative to `dest`."""
+    import shutil
+
+    src = Path(path)
+    out = dest / "tokenizer"
+    out.mkdir()
+    if src.is_dir():                      # an HF-style folder (tokenizer.model or tokenizer.json & co)
+        from genlip_mcore.hf.export import TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+        return "tokenizer"
+    for f in ([src] if src.is_file() else []) + [p for p in src.parent.glob("tokenizer*") if p != src]:
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return f"tokenizer/{src.name}"
+
+
+def save_weights_checkpoint(cfg, chunks: list, save_dir: str | Path, *, iteration: int = 0,
+                            tokenizer: Optional[str] = None, source: Optional[str] = None) -> Path:
+    """A model-only checkpoint in the training layout (`latest`, iter_*, genlip.json, tokenizer copy), from any
+    TP/PP/VPP layout and loadable by any other: what `genlip-convert from-hf` writes, and what stage 2 starts from
+    with `training.init_from`. It has no optimizer state, so `training.load_dir` refuses it. Collective."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from genlip_mcore.config import to_dict
+
+    tmp, final = prepare_save(Path(save_dir), iter_name(iteration))
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = {"iteration": iteration, "consumed_rows": 0, "config": to_dict(cfg), "layout": layout(),
+                "weights_only": True, "source": source, "tokenizer": None}
+        publish(tmp, final, meta, tokenizer, keep_last=1 << 30)
+    dist.barrier()
+    return final

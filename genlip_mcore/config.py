@@ -112,6 +112,9 @@ class DataConfig:
     max_pixels: int = 262144
     max_image_pixels: int = 89_478_485   # decompression-bomb limit (PIL's default)
     max_aspect_ratio: float = 200.0
+    # Pillow JPEG decode at a reduced DCT scale (1/2..1/8, never below the target size) before the bilinear
+    # resize: about 2x faster on large sources; pixels differ slightly from the reference's full-size decode.
+    jpeg_draft: bool = False
     decoder: str = "pil"              # "pil" (in loader workers) or "dali" (after packing; GPU "mixed" or CPU)
     dali_device: str = "cpu"          # "cpu" | "mixed" (nvJPEG on the GPU)
     tokenizer_kind: str = "sentencepiece"   # "sentencepiece" | "hf" (a tokenizer.json, e.g. Qwen3's)
@@ -418,6 +421,7 @@ def _validate_data(d: DataConfig) -> None:
     _check(d.decoder in ("pil", "dali"), "data.decoder", "'pil' or 'dali'")
     _check(d.dali_device in ("cpu", "mixed"), "data.dali_device", "'cpu' or 'mixed'")
     if d.decoder == "dali":
+        _check(not d.jpeg_draft, "data.jpeg_draft", "a Pillow option; DALI decodes at full size (set it false)")
         _check(_has_module("nvidia.dali"), "data.decoder",
                "DALI is not installed (pip install nvidia-dali-cuda120), use 'pil'")
     _check(d.tokenizer_kind in ("sentencepiece", "hf"), "data.tokenizer_kind", "'sentencepiece' or 'hf'")

@@ -1,6 +1,6 @@
 """`genlip-data`: make the shapes dataset, train a tokenizer on captions, and measure the pipeline.
 
-  genlip-data make-shapes --out DIR --samples N --shards K --seed S [--heldout N]
+  genlip-data make-shapes --out DIR --samples N --shards K --seed S [--heldout N] [--max-side PX] [--square]
   genlip-data train-tokenizer --shards PATTERN [PATTERN ...] --out DIR --vocab-size N
   genlip-data stats --config FILE [section.key=value ...] [--max-batches N]
 """
@@ -36,7 +36,8 @@ def _captions(patterns: list[str]):
 def make_shapes_cmd(a) -> dict:
     from genlip_mcore.data.shapes import make_shapes
 
-    return make_shapes(a.out, samples=a.samples, shards=a.shards, seed=a.seed, heldout=a.heldout)
+    return make_shapes(a.out, samples=a.samples, shards=a.shards, seed=a.seed, heldout=a.heldout,
+                       max_side=a.max_side, square=a.square)
 
 
 def train_tokenizer_cmd(a) -> dict:
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--max-side", type=int, default=512, help="cap on the long side of the images (px)")
+    p.add_argument("--square", action="store_true", help="square images only (stage-1 runs: no squashed shapes)")
     p.set_defaults(fn=make_shapes_cmd)
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece model on the captions of some shards")
     p.add_argument("--shards", nargs="+", required=True)

@@ -54,7 +54,8 @@ class SampleProcessor:
         self.d, self.patch = d, patch_size
         self.image_cfg = ImageConfig(stage=d.stage, image_size=d.image_size, patch_size=patch_size,
                                      min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                                     max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
+                                     max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio,
+                                     jpeg_draft=d.jpeg_draft)
         self.layout_cfg = LayoutConfig(prompt=d.prompt, max_caption_tokens=d.max_caption_tokens,
                                        max_sample_len=d.max_sample_len)
         self.tokenizer = load_tokenizer(d.tokenizer_kind, d.tokenizer_path, d.end_text)

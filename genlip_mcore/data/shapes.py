@@ -110,10 +110,47 @@ def caption_words() -> list[str]:
     return sorted(words) + ["."]
 
 
-def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+def blind_floor(d, patch_size: int, limit: int = 1000):
+    """The lowest mean caption-token loss that a model which cannot see the image can reach on shapes shards, or
+    None if `d.sources` are not shapes data. A caption is a function of (colour, shape, position), drawn uniformly
+    and independently, so the best blind log-loss of a whole caption is ln(8 * 5 * 9) nats, spread over its
+    labelled tokens (caption and end tokens, as the training loss counts them; measured on up to `limit` samples
+    with `d`'s tokenizer and layout)."""
+    from collections import Counter
+
+    from genlip_mcore.config import expand_shards
+    from genlip_mcore.data.batch import IGNORE_INDEX
+    from genlip_mcore.data.sample import LayoutConfig, build_layout, parse_record
+    from genlip_mcore.data.shards import index_shard, read_sample
+    from genlip_mcore.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(d.tokenizer_kind, d.tokenizer_path, d.end_text)
+    layout_cfg = LayoutConfig(prompt=d.prompt, max_caption_tokens=d.max_caption_tokens, max_sample_len=d.max_sample_len)
+    labelled, n = 0, 0
+    for shard in (s for pattern in d.sources for s in expand_shards(pattern)):
+        for ref in index_shard(shard, Counter()):
+            turns = parse_record(read_sample(ref), d.stage)
+            try:
+                parse_caption(" ".join(t for role, t in turns if role == "assistant"))
+            except ValueError:
+                return None
+            layout = build_layout((1, 1), turns, tok, layout_cfg)
+            labelled += sum(lab != IGNORE_INDEX for lab in layout.labels)
+            n += 1
+            if n >= limit:
+                break
+        if n >= limit:
+            break
+    if not n:
+        return None
+    return math.log(len(COLOURS) * len(SHAPES) * len(POSITIONS)) / (labelled / n)
+
+
+def _image_size(rng: np.random.Generator, max_side: int = MAX_SIDE, square: bool = False) -> tuple[int, int]:
     ratio = float(ASPECTS[rng.choice(len(ASPECTS), p=ASPECT_WEIGHTS)])
+    ratio = 1.0 if square else ratio
     lo = max(MIN_SIDE, math.ceil(MIN_SIDE * ratio))
-    long = int(rng.integers(lo, MAX_SIDE + 1))
+    long = int(rng.integers(lo, max(lo, max_side) + 1))
     short = max(MIN_SIDE, round(long / ratio))
     return (long, short) if rng.random() < 0.5 else (short, long)
 
@@ -133,14 +170,17 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
-def render_sample(seed: int, split: str, idx: int) -> tuple[Image.Image, dict]:
-    """Sample `idx` of `split` for `seed`: (RGB image, metadata json dict). Pure function of its arguments."""
+def render_sample(seed: int, split: str, idx: int, max_side: int = MAX_SIDE,
+                  square: bool = False) -> tuple[Image.Image, dict]:
+    """Sample `idx` of `split` for `seed`: (RGB image, metadata json dict). Pure function of its arguments.
+    `max_side` caps the long side (never below what the aspect ratio needs at an 80 px short side); `square`
+    makes every image square (for stage-1 runs, whose fixed square resize would otherwise squash the shapes)."""
     rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], int(idx)])
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    w, h = _image_size(rng)
+    w, h = _image_size(rng, max_side, square)
 
     row, col = POSITIONS[position]
     cw, ch = w / 3, h / 3
@@ -178,13 +218,14 @@ def _encode_jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _write_shard(path: Path, seed: int, split: str, shard: int, first: int, count: int) -> None:
+def _write_shard(path: Path, seed: int, split: str, shard: int, first: int, count: int,
+                 max_side: int = MAX_SIDE, square: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         sink = wds.TarWriter(f, encoder=False, mtime=0, user="genlip", group="genlip")
         for idx in range(first, first + count):
-            img, meta = render_sample(seed, split, idx)
+            img, meta = render_sample(seed, split, idx, max_side, square)
             sink.write({"__key__": f"{split}-{shard:05d}-{idx:06d}", "jpg": _encode_jpeg(img),
                         "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
         sink.close()
@@ -195,10 +236,12 @@ def _split_counts(n: int, shards: int) -> list[int]:
     return [n // shards + (1 if i < n % shards else 0) for i in range(shards)]
 
 
-def make_shapes(out_dir, samples: int, shards: int, seed: int, heldout: int | None = None) -> dict:
+def make_shapes(out_dir, samples: int, shards: int, seed: int, heldout: int | None = None,
+                max_side: int = MAX_SIDE, square: bool = False) -> dict:
     """Write `samples` training samples evenly over `shards` tars under `out_dir`/train and a held-out split of
     `heldout` samples (default 5%, at least 16) under `out_dir`/heldout, in as many shards as it needs at the
-    training shard size. Deterministic for `seed`. Returns the manifest (also written to `out_dir`/manifest.json):
+    training shard size. Deterministic for `seed` (and `max_side`, the cap on an image's long side: small images
+    for a stage-1 run decode several times faster; and `square`: square images only, undistorted by stage 1). Returns the manifest (also written to `out_dir`/manifest.json):
     {"splits": {split: {"shards": [paths relative to out_dir], "samples": N, "samples_per_shard": [...]}},
      "seed", "vocabulary", "prompt", "template", "shapes", "colours", "positions", "backgrounds"}.
     """
@@ -215,12 +258,12 @@ def make_shapes(out_dir, samples: int, shards: int, seed: int, heldout: int | No
     layout = {"train": _split_counts(samples, shards),
               "heldout": _split_counts(heldout, math.ceil(heldout / per_shard)) if heldout else []}
 
-    manifest: dict = {"splits": {}, "seed": seed}
+    manifest: dict = {"splits": {}, "seed": seed, "max_side": int(max_side), "square": bool(square)}
     for split in SPLITS:
         paths, first = [], 0
         for shard, count in enumerate(layout[split]):
             rel = f"{split}/shapes-{shard:05d}.tar"
-            _write_shard(out / rel, seed, split, shard, first, count)
+            _write_shard(out / rel, seed, split, shard, first, count, max_side, square)
             paths.append(rel)
             first += count
         manifest["splits"][split] = {"shards": paths, "samples": first, "samples_per_shard": layout[split]}
@@ -239,8 +282,10 @@ def main(argv=None) -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--max-side", type=int, default=MAX_SIDE)
+    p.add_argument("--square", action="store_true")
     a = p.parse_args(argv)
-    m = make_shapes(a.out, a.samples, a.shards, a.seed, a.heldout)
+    m = make_shapes(a.out, a.samples, a.shards, a.seed, a.heldout, a.max_side, a.square)
     print(json.dumps({s: v["samples"] for s, v in m["splits"].items()}))
 
 

@@ -16,11 +16,9 @@ pointer intact; leftovers are removed by the next save.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -30,38 +28,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from genlip_mcore import ckpt
+from genlip_mcore.ckpt import (layout, load_model, model_sharded_state_dict, prepare_save, publish,  # noqa: F401
+                               save_model, save_weights_checkpoint)
 from genlip_mcore.config import Config, to_dict
 
 log = logging.getLogger(__name__)
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _unwrap(m):
-    while hasattr(m, "module"):
-        m = m.module
-    return m
-
-
-def model_sharded_state_dict(chunks: list) -> dict:
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def save_model(chunks: list, path: str) -> None:
-    """Model only (tests, conversion)."""
-    os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(model_sharded_state_dict(chunks), path)
-
-
-def load_model(chunks: list, path: str) -> None:
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(path))
-    for i, c in enumerate(chunks):
-        _unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
-
-
-def _layout() -> dict:
-    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size(), "world": dist.get_world_size()}
 
 
 def _rng_state() -> dict:
@@ -87,40 +59,11 @@ def _gather_data_states(data_state) -> Optional[list]:
     return states
 
 
-_results_manager = None
-
-
-def _writer_queue_dies_with_us() -> None:
-    """dist_checkpointing's writer reports through a Manager queue served by a spawned process, which it starts
-    lazily and which outlives a SIGKILLed trainer (holding its pipes and terminal forever). Start that server
-    ourselves, set to die with its parent. Touches a private name of megatron.core 0.16 (checked: filesystem_async)."""
-    global _results_manager
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    if _results_manager is None and getattr(fa, "_results_queue", 1) is None:
-        import multiprocessing as mp
-        from multiprocessing.managers import SyncManager
-
-        from genlip_mcore.procutil import die_with_parent
-
-        _results_manager = SyncManager(ctx=mp.get_context("spawn"))
-        _results_manager.start(die_with_parent)
-        fa._results_queue = _results_manager.Queue()
-
-
 def save_checkpoint(cfg: Config, chunks: list, optimizer, scheduler, *, iteration: int, consumed_rows: int,
                     data_state=None, tokenizer: Optional[str] = None) -> Path:
     save_dir = Path(cfg.training.save_dir or Path(cfg.training.run_dir) / "checkpoints")
-    name = ckpt.iter_name(iteration)
-    tmp, final = save_dir / f".tmp_{name}", save_dir / name
+    tmp, final = prepare_save(save_dir, ckpt.iter_name(iteration))
     rank0 = dist.get_rank() == 0
-    _writer_queue_dies_with_us()
-    if rank0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob(".tmp_*"):                    # a crashed earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
     state = model_sharded_state_dict(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=OPT_METADATA)
     dist_checkpointing.save(state, str(tmp))
@@ -131,30 +74,11 @@ def save_checkpoint(cfg: Config, chunks: list, optimizer, scheduler, *, iteratio
     _fault_point(f"kill_during_save@{iteration}")
     if rank0:
         meta = {"iteration": iteration, "consumed_rows": consumed_rows, "config": to_dict(cfg),
-                "scheduler": scheduler.state_dict(), "layout": _layout(),
+                "scheduler": scheduler.state_dict(), "layout": layout(),
                 "data": {"num_workers": cfg.data.num_workers, "ranks": data_states}, "tokenizer": None}
-        if tokenizer:
-            meta["tokenizer"] = _copy_tokenizer(tokenizer, tmp)
-        (tmp / ckpt.META).write_text(json.dumps(meta, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt.write_latest(save_dir, name)
-        for old in ckpt.checkpoints(save_dir)[:-cfg.training.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info(f"saved checkpoint {final}")
+        publish(tmp, final, meta, tokenizer, cfg.training.keep_last)
     dist.barrier()
     return final
-
-
-def _copy_tokenizer(path: str, dest: Path) -> str:
-    src = Path(path)
-    out = dest / "tokenizer"
-    out.mkdir()
-    for f in ([src] if src.is_file() else []) + [p for p in src.parent.glob("tokenizer*") if p != src]:
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    return f"tokenizer/{src.name}"
 
 
 def _fault_point(name: str) -> None:
@@ -176,22 +100,26 @@ class Resumed:
 def load_checkpoint(path: str, chunks: list, optimizer, scheduler, cfg: Config) -> Resumed:
     directory = ckpt.resolve(path)
     meta = ckpt.read_meta(directory)
+    if meta.get("weights_only"):
+        raise RuntimeError(f"{directory} holds model weights only (no optimizer or schedule, e.g. written by "
+                           "genlip-convert from-hf): start a run from it with training.init_from, not "
+                           "training.load_dir")
     state = model_sharded_state_dict(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPT_METADATA)
     loaded = dist_checkpointing.load(state, str(directory))
     for i, c in enumerate(chunks):
-        _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
+        ckpt._unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    same = meta["layout"] == _layout()
+    same = meta["layout"] == layout()
     rng_file = directory / "rng" / f"rank{dist.get_rank():05d}.pt"
     if same and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     data = meta["data"]
     dp_rank = parallel_state.get_data_parallel_rank()
-    exact = len(data["ranks"]) == _layout()["dp"] and data["num_workers"] == cfg.data.num_workers
+    exact = len(data["ranks"]) == layout()["dp"] and data["num_workers"] == cfg.data.num_workers
     if not exact and dist.get_rank() == 0:
-        log.warning(f"data-parallel size or loader workers changed ({len(data['ranks'])} -> {_layout()['dp']} "
+        log.warning(f"data-parallel size or loader workers changed ({len(data['ranks'])} -> {layout()['dp']} "
                     f"ranks): the data continues from a fresh shard deal, not the saved position")
     log.info(f"resumed from {directory} at iteration {meta['iteration']}")
     return Resumed(meta["iteration"], meta["consumed_rows"], data["ranks"][dp_rank] if exact else None)

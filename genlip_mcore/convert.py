@@ -1,0 +1,165 @@
+"""`genlip-convert`: training checkpoints <-> the HuggingFace layout of the released GenLIP models (spec §8).
+
+  genlip-convert to-hf   --checkpoint DIR --out DIR [--dtype bf16|fp32] [--tokenizer PATH] [--max-shard-size 5GB]
+  genlip-convert from-hf --hf DIR --out DIR [section.key=value ...]
+  genlip-convert keys --variant g16            (the key/shape list an export writes, from a meta-device model)
+
+to-hf reads a checkpoint of any TP/PP/VPP layout in ONE process: the model is rebuilt at TP=PP=1 and
+dist_checkpointing reassembles every tensor from its shards (TP slices, pipeline stages, virtual chunks). The
+global tensors then go through the one declarative key map (`genlip_mcore.hf.keymap`), which splits the fused
+query/gate/key/value and SwiGLU gate/up weights, and `genlip_mcore.hf.export.save_hf` writes the directory.
+
+from-hf is the reverse: the HF tensors through the same key map into a TP=PP=1 model, saved as a model-only
+checkpoint in the training layout (`latest`, `iter_0000000/`, genlip.json, tokenizer copy). dist_checkpointing
+stores global tensors with their offsets, so that checkpoint loads into any TP/PP/VPP/DP layout: give the target
+layout as overrides (`parallel.tensor_model_parallel_size=2 ...`); it is validated here and recorded, and stage-2
+training starts from it with `training.init_from=DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("genlip_mcore.convert")
+
+
+def to_hf(checkpoint: str, out: str, *, dtype: str = "bf16", tokenizer: Optional[str] = None,
+          max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+    from genlip_mcore.ckpt import load_for_inference
+    from genlip_mcore.hf.export import hf_config, save_hf
+
+    cfg, tensors, tok = load_for_inference(checkpoint)
+    return save_hf(out, tensors, hf_config(cfg), dtype=dtype, tokenizer=tokenizer or tok,
+                   max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def hf_training_config(hf: str, overrides: Sequence[str] = ()):
+    """The training Config of an HF directory's model (its preprocessing, its tokenizer), plus `overrides`."""
+    import yaml
+
+    from genlip_mcore import config as C
+    from genlip_mcore.caption import tokenizer_kind
+    from genlip_mcore.hf.export import load_hf_config, training_tree
+
+    tree = training_tree(load_hf_config(hf))
+    try:
+        tree["data"].update(tokenizer_kind=tokenizer_kind(hf), tokenizer_path=str(Path(hf).resolve()))
+    except FileNotFoundError:
+        log.warning(f"{hf} has no tokenizer files; set data.tokenizer_path before training")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(tree, f)
+    try:
+        return C.load(f.name, list(overrides))
+    finally:
+        Path(f.name).unlink()
+
+
+def from_hf(hf: str, out: str, overrides: Sequence[str] = ()) -> Path:
+    import copy
+
+    import torch
+
+    from genlip_mcore import config as C
+    from genlip_mcore.hf.export import load_hf_tensors
+    from genlip_mcore.hf.keymap import hf_to_megatron, load_megatron_tp1
+    from genlip_mcore.model import build_model_chunks
+    from genlip_mcore.parallel import init_distributed, setup_model_parallel
+    from genlip_mcore.ckpt import save_weights_checkpoint
+
+    cfg = hf_training_config(hf, overrides)
+    local = copy.deepcopy(cfg)                     # built and saved at TP=PP=1; loads into any layout
+    local.parallel, local.precision = C.ParallelConfig(), C.PrecisionConfig()
+    local.model.transformer_impl, local.model.attention_backend = "local", "auto"
+    init_distributed()
+    setup_model_parallel(local.parallel, local.training.seed)
+    model = build_model_chunks(local, initialize=False)[0]
+    m = cfg.model
+    tensors = {k: v.float() for k, v in load_hf_tensors(hf).items()}
+    load_megatron_tp1(model, hf_to_megatron(tensors, m.num_layers, m.num_attention_heads,
+                                            m.text_embed_dim != m.hidden_size))
+    if any(not torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError(f"{hf}: the weights hold NaN or Inf")
+    tok = cfg.data.tokenizer_path or None
+    return save_weights_checkpoint(cfg, [model], out, tokenizer=tok, source=str(Path(hf).resolve()))
+
+
+def export_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The HF key -> shape list an export of this model writes, computed on the meta device (no weight memory):
+    the TP=PP=1 model's state dict through the same key map as `to_hf`."""
+    from genlip_mcore.hf.keymap import megatron_to_hf
+    from genlip_mcore.info import _one_rank_world, build_meta
+
+    from genlip_mcore import config as C
+    from genlip_mcore.parallel import setup_model_parallel
+
+    _one_rank_world()
+    setup_model_parallel(C.ParallelConfig(), seed=0)
+    m = cfg.model
+    tensors = {k: v for k, v in build_meta(cfg).state_dict().items() if not k.endswith("_extra_state")}
+    hf = megatron_to_hf(tensors, m.num_layers, m.num_attention_heads, m.text_embed_dim != m.hidden_size,
+                        m.patch_size, m.num_channels)
+    return {k: tuple(v.shape) for k, v in hf.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genlip-convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-hf", help="training checkpoint (any layout) -> HF directory")
+    a.add_argument("--checkpoint", required=True, help="save dir (follows `latest`) or one iter_* checkpoint")
+    a.add_argument("--out", required=True, help="HF directory to write")
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="tensor dtype (released: bf16)")
+    a.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the checkpoint's copy)")
+    a.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB, as released)")
+    a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    b = sub.add_parser("from-hf", help="HF directory -> model-only training checkpoint (any layout loads it)")
+    b.add_argument("--hf", required=True, help="HF directory (config.json, safetensors, tokenizer files)")
+    b.add_argument("--out", required=True, help="save dir to write (iter_0000000 and `latest`)")
+    b.add_argument("overrides", nargs="*", help="training config overrides, e.g. the target layout "
+                   "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2")
+    c = sub.add_parser("keys", help="print the key -> shape list an export writes (meta device, no weights)")
+    c.add_argument("--variant", required=True, help="tiny, l16, so16 or g16 (comma-separated for several)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr if args.cmd == "keys" else sys.stdout)
+    from genlip_mcore.config import ConfigError
+
+    try:
+        if args.cmd == "keys":
+            import json
+
+            from genlip_mcore import config as C
+
+            import contextlib
+
+            with contextlib.redirect_stdout(sys.stderr):      # stdout carries only the JSON lines
+                lists = {v: export_shapes(C.load(None, [f"model.variant={v}"])) for v in args.variant.split(",")}
+            for v, shapes in lists.items():
+                print(json.dumps({"variant": v, "num_tensors": len(shapes), "shapes": shapes}))
+            return 0
+        if args.cmd == "to-hf":
+            path = to_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        else:
+            path = from_hf(args.hf, args.out, args.overrides)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"genlip-convert: {e}", file=sys.stderr)
+        return 2
+    print(f"genlip-convert: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The HF export layout (genlip_mcore/hf/export.py, genlip-convert keys): key list and shapes of spec §8.1 for the
+released sizes without allocating weights, config.json fields (§1.1, §8.2), sharded safetensors with an index
+past the shard size, the image processor config against our own preprocessing, and the config round trip.
+The TP=2 x PP=2 conversion itself is tests/distributed/test_hf_convert.py."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genlip_mcore import config as C
+from genlip_mcore.hf.configuration_genlip import GenLIPConfig
+from genlip_mcore.hf.export import (hf_config, image_processor_config, load_hf_config, load_hf_tensors, save_hf,
+                                    training_tree)
+from tests.reference.genlip_ref import RefConfig, init_ref_state_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+# spec §1.2 / §8.1, written out here: (L, D, F, E, V)
+SPEC = {"l16": (24, 1152, 2752, 1024, 151936), "so16": (27, 1152, 3072, 1152, 151936),
+        "g16": (40, 1536, 4096, 1024, 151936)}
+COUNTS = {"l16": 490, "so16": 546, "g16": 810}
+
+
+def spec_shapes(L, D, F, E, V) -> dict:
+    """The table of spec §8.1 for one size."""
+    out = {"vision_embeddings.patch_embedding.weight": (D, 3, 16, 16), "vision_embeddings.patch_embedding.bias": (D,),
+           "ln_post.weight": (D,), "ln_post.bias": (D,), "embeddings.weight": (V, E), "lm_head.weight": (V, E)}
+    if E != D:
+        out.update({"in_proj.weight": (D, E), "in_proj.bias": (D,), "proj.weight": (E, D), "proj.bias": (E,)})
+    for i in range(L):
+        p = f"visual.layers.{i}."
+        out.update({p + "layer_norm1.weight": (D,), p + "layer_norm1.bias": (D,),
+                    p + "self_attn.q_proj.weight": (2 * D, D), p + "self_attn.q_proj.bias": (2 * D,),
+                    p + "self_attn.k_proj.weight": (D, D), p + "self_attn.k_proj.bias": (D,),
+                    p + "self_attn.v_proj.weight": (D, D), p + "self_attn.v_proj.bias": (D,),
+                    p + "self_attn.out_proj.weight": (D, D), p + "self_attn.out_proj.bias": (D,),
+                    p + "layer_norm2.weight": (D,), p + "layer_norm2.bias": (D,),
+                    p + "mlp.fc1.weight": (F, D), p + "mlp.fc1.bias": (F,),
+                    p + "mlp.gate_fc.weight": (F, D), p + "mlp.gate_fc.bias": (F,),
+                    p + "mlp.fc2.weight": (D, F), p + "mlp.fc2.bias": (D,),
+                    p + "layer_scale1.lambda1": (D,), p + "layer_scale2.lambda1": (D,)})
+    return out
+
+
+def test_export_keys_and_shapes_of_released_sizes_on_meta():
+    """One subprocess (its own one-rank world), the way a user runs `genlip-convert keys`."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("MASTER_PORT", None)
+    res = subprocess.run([sys.executable, "-m", "genlip_mcore.convert", "keys", "--variant", "l16,so16,g16"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = {d["variant"]: d for d in map(json.loads, res.stdout.strip().splitlines())}
+    for name, dims in SPEC.items():
+        shapes = {k: tuple(v) for k, v in got[name]["shapes"].items()}
+        assert got[name]["num_tensors"] == len(shapes) == COUNTS[name]
+        assert shapes == spec_shapes(*dims)
+
+
+def test_keys_are_computed_without_weight_memory(tp1):
+    from genlip_mcore.convert import export_shapes
+    from genlip_mcore.info import build_meta
+
+    cfg = C.load(None, ["model.variant=g16"])
+    big = [t for t in build_meta(cfg).state_dict().values() if torch.is_tensor(t) and t.numel() > 1 << 20]
+    assert big and all(t.is_meta for t in big)                # every large tensor lives on the meta device
+    assert len(export_shapes(cfg)) == 810
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing and reading a directory
+# ------------------------------------------------------------------------------------------------------------------
+def _tiny(tmp_path, **save_kw):
+    rc = RefConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   vocab_size=97, text_embed_dim=32, mrope_section=(2, 2, 2))
+    sd = init_ref_state_dict(rc, torch.Generator().manual_seed(3))
+    cfg = C.load(None, ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96",
+                        "model.text_embed_dim=32", "model.vocab_size=97", "model.mrope_section=[2,2,2]",
+                        "data.image_size=64"])
+    out = save_hf(tmp_path / "hf", sd, hf_config(cfg), **save_kw)
+    return sd, cfg, out
+
+
+def test_config_json_has_released_fields_and_auto_map(tmp_path):
+    _, cfg, out = _tiny(tmp_path)
+    cj = json.loads((out / "config.json").read_text())
+    assert cj["model_type"] == "genlip" and cj["architectures"] == ["GenLIPModel"]
+    assert cj["auto_map"]["AutoModel"] == "modeling_genlip.GenLIPModel"
+    assert cj["rope_scaling"] == {"mrope_section": [2, 2, 2], "rope_type": "default", "type": "default"}
+    for k, v in dict(hidden_act="silu", use_swiglu_ffn=True, gated_attention=True, ls_init_value=0.1,
+                     mrope_interleaved=True, tie_word_embeddings=False, num_key_value_heads=4, layer_norm_eps=1e-6,
+                     rms_norm_eps=1e-5, lm_head_hdsz=32, initializer_factor=1.0, use_cache=True,
+                     spatial_merge_size=1, temporal_patch_size=1, num_patches=16, torch_dtype="bfloat16").items():
+        assert cj[k] == v, k
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "configuration_genlip.py", "model.safetensors",
+                                                      "modeling_genlip.py", "preprocessor_config.json"]
+
+
+def test_bf16_export_and_training_config_round_trip(tmp_path):
+    sd, cfg, out = _tiny(tmp_path)
+    back = load_hf_tensors(out)
+    assert back.keys() == sd.keys() and all(back[k].dtype == torch.bfloat16 for k in back)
+    assert all(torch.equal(back[k], sd[k].to(torch.bfloat16)) for k in sd)
+    tree = training_tree(load_hf_config(out))
+    m = C.from_dict({"model": tree["model"], "data": tree["data"]}).model
+    for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "text_embed_dim",
+              "vocab_size", "mrope_section", "drop_path_rate", "rope_theta", "layer_scale_init"):
+        assert getattr(m, f) == getattr(cfg.model, f), f
+    assert tree["data"]["image_size"] == 64
+
+
+def test_training_tree_names_the_released_variant():
+    for name in SPEC:
+        cfg = C.load(None, [f"model.variant={name}"])
+        assert training_tree(hf_config(cfg))["model"]["variant"] == name
+
+
+def test_sharded_export_has_an_index_and_loads_with_automodel(tmp_path):
+    from transformers import AutoModel
+
+    sd, _, out = _tiny(tmp_path, dtype="fp32", max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(sd)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sd.values())
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_existing_output_is_not_clobbered(tmp_path):
+    _tiny(tmp_path)
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        _tiny(tmp_path)
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_image_processor_config_matches_our_preprocessing(tmp_path, stage):
+    """AutoImageProcessor on the exported preprocessor_config.json produces our training pixels (1e-6)."""
+    from transformers import AutoImageProcessor
+
+    from genlip_mcore.data.images import ImageConfig, decode_pil, patchify
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        image_processor_config(GenLIPConfig(image_stage=stage, image_size=64))))
+    proc = AutoImageProcessor.from_pretrained(str(tmp_path))
+    img = Image.fromarray((np.random.default_rng(stage).random((130, 200, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    ours = decode_pil(buf.getvalue(), ImageConfig(stage=stage, image_size=64))
+    pv = proc(images=img, return_tensors="pt")
+    if stage == 1:
+        assert pv["pixel_values"].shape == (1, 3, 64, 64)
+        assert (pv["pixel_values"][0] - ours).abs().max() < 1e-6
+    else:
+        gh, gw = ours.shape[1] // 16, ours.shape[2] // 16
+        assert pv["image_grid_thw"].tolist() == [[1, gh, gw]]
+        assert (pv["pixel_values"] - patchify(ours).reshape(gh * gw, -1)).abs().max() < 1e-6
