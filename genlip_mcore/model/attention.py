@@ -104,10 +104,10 @@ def sample_mask(n_img: int, n_total: int, device=None) -> Tensor:
 # ------------------------------------------------------------------------------------------------------------------
 # Kernels. Each takes q [T, np, hn], k/v [T, ng, hn] and returns [T, np, hn].
 # ------------------------------------------------------------------------------------------------------------------
-def _local_groups(p: GenLIPPackedSeqParams, device) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
-    """Samples of equal length, batched: per group (token index [g*L], mask [g, 1, L, L]), and the permutation
-    that takes the groups' concatenated outputs back to stream order. Built once per micro-batch, shared by
-    every layer."""
+def _local_groups(p: GenLIPPackedSeqParams, device):
+    """Samples of equal length, batched. Returns (groups, order, inv): per group (count g, length n, mask
+    [g, 1, n, n]) in group order; `order` [T] gathers the stream into group order and `inv` puts it back (both None
+    when the groups already lie in stream order). Built once per micro-batch, shared by every layer."""
     cached = getattr(p, "_local_groups", None)
     if cached is not None:
         return cached
@@ -120,31 +120,37 @@ def _local_groups(p: GenLIPPackedSeqParams, device) -> tuple[list[tuple[Tensor, 
         by_len.setdefault(n, []).append(s)
     groups, order = [], []
     for n, members in by_len.items():
-        idx = torch.cat([torch.arange(starts[s], starts[s] + n) for s in members])
         mask = torch.stack([sample_mask(p.img_lens[s], n) for s in members])[:, None]
-        groups.append((idx.to(device), mask.to(device)))
-        order.append(idx)
+        groups.append((len(members), n, mask.to(device)))
+        order += [torch.arange(starts[s], starts[s] + n) for s in members]
     order = torch.cat(order)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel())
-    p._local_groups = (groups, inv.to(device))
+    inv = None
+    if torch.equal(order, torch.arange(order.numel())):
+        order = None
+    else:
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+        order, inv = order.to(device), inv.to(device)
+    p._local_groups = (groups, order, inv)
     return p._local_groups
 
 
 def attention_local(q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams, scale: float) -> Tensor:
     """Exact prefix-LM attention with no padding: samples of the same length go through one batched SDPA call
-    with their own [L, L] masks (a stage-1 micro-batch has a handful of distinct lengths, so a handful of calls
-    instead of one per sample), and one gather puts the outputs back in stream order."""
-    groups, inv = _local_groups(p, q.device)
+    with their own [n, n] masks (a stage-1 micro-batch has a handful of distinct lengths, so a handful of calls
+    instead of one per sample). One gather puts the stream in group order and one puts the output back; split/cat
+    in between, so backward never allocates a full-stream gradient per group."""
+    groups, order, inv = _local_groups(p, q.device)
+    if order is not None:
+        q, k, v = (x.index_select(0, order) for x in (q, k, v))
+    sizes = [g * n for g, n, _ in groups]
     outs = []
-    for idx, mask in groups:
-        g, n = mask.shape[0], mask.shape[-1]
-        qs, ks, vs = (x.index_select(0, idx).view(g, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)                                  # [g, np, n, hn]
+    for (g, n, mask), qs, ks, vs in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        qs, ks, vs = (x.view(g, n, *x.shape[1:]).transpose(1, 2) for x in (qs, ks, vs))     # [g, heads, n, hn]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(o.transpose(1, 2).reshape(g * n, o.shape[1], o.shape[3]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.index_select(0, inv)
+    return out if inv is None else out.index_select(0, inv)
 
 
 _flex_compiled: dict = {}       # per device kind: compiled on CUDA, eager elsewhere (CPU flex is forward-only)
