@@ -1,4 +1,6 @@
-"""Checkpoint directory layout, and loading a model for inference from any checkpoint layout.
+"""Checkpoint directory layout; the crash-safe write every save goes through (training checkpoints in
+`train/checkpoint.py`, model-only ones for `genlip-convert from-hf` here); loading a model for inference from any
+checkpoint layout.
 
     <save_dir>/latest                      text: the name of the newest complete checkpoint ("iter_0000200")
     <save_dir>/iter_0000200/               megatron dist_checkpointing (torch_dist) files: model, optimizer, ...
