@@ -29,13 +29,14 @@ setup(
         "tokenizers>=0.19",     # HF tokenizer.json (the released Qwen3 vocabulary)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
         # DALI runs its CPU operators without a GPU, so CI tests the DALI path too (about 1 GB installed).
         "dali": ["nvidia-dali-cuda120"],
         # metrics sinks, imported only when enabled in the config (logging.tensorboard / logging.wandb_mode)
         "logging": ["tensorboard", "wandb"],
         # HF export and AutoModel loading of exported checkpoints
-        "hf": ["transformers>=4.50", "safetensors"],
+        # tested: 4.53 (the reference's pin; CI runs tests/unit/test_hf_modeling.py under it) and the lock's 5.x
+        "hf": ["transformers>=4.53", "safetensors", "huggingface_hub"],
         # GPU only: never install these on a CPU machine (they need a CUDA torch and a CUDA runtime).
         "gpu": [
             "transformer-engine[pytorch]>=2.6",

@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from genlip_mcore import logs
 from genlip_mcore.data.errors import SkipSample
 from genlip_mcore.data.images import ImageConfig, decode_pil
 from genlip_mcore.data.tokenizer import Tokenizer, load_tokenizer
@@ -73,7 +74,8 @@ def _from_checkpoint(path, tokenizer, stage):
 
 
 def _from_hf(path, tokenizer, stage):
-    model = GenLIPModel.from_pretrained(path, dtype=torch.float32)
+    # no dtype keyword: transformers < 4.56 calls it torch_dtype, >= 5 deprecates that; load_captioner casts to fp32
+    model = GenLIPModel.from_pretrained(path)
     c = model.config
     tok_path = tokenizer if tokenizer is not None else path
     tok = load_tokenizer(tokenizer_kind(tok_path), tok_path, getattr(c, "end_text", None))
@@ -126,7 +128,7 @@ def iter_captions(model: GenLIPModel, tokenizer: Tokenizer, image_cfg: ImageConf
         good = [p for p in chunk if p in images]
         out = model.generate_captions([images[p] for p in good], prompt_ids=ids, max_new_tokens=max_new_tokens,
                                       end_ids=tokenizer.end_ids) if good else []
-        captions = dict(zip(good, out))
+        captions = dict(zip(good, out, strict=True))
         for p in chunk:
             if p in errors:
                 yield p, None, errors[p]
@@ -163,7 +165,7 @@ def caption_shards(model, tokenizer, image_cfg, pattern: str, prompt: str, max_n
         gen = model.generate_captions([img for _, img, _ in chunk], prompt_ids=ids, max_new_tokens=max_new_tokens,
                                       end_ids=tokenizer.end_ids)
         out += [{"key": k, "caption": tokenizer.decode(g).strip(), "truth": t.strip()}
-                for (k, _, t), g in zip(chunk, gen)]
+                for (k, _, t), g in zip(chunk, gen, strict=True)]
     return out
 
 
@@ -181,7 +183,7 @@ def attribute_accuracy(rows: list[dict]) -> Optional[dict[str, float]]:
     except ValueError:
         return None
     hits = {"colour": 0, "shape": 0, "position": 0}
-    for r, t in zip(rows, truths):
+    for r, t in zip(rows, truths, strict=True):
         try:
             got = parse_caption(r["caption"])
         except ValueError:
@@ -227,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.WARNING, stream="stderr", fmt="%(levelname)s %(name)s: %(message)s")   # stdout: captions
     model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
                                                    device=args.device)
     prompt = prompt if args.prompt is None else args.prompt

@@ -234,7 +234,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; sections are {sorted(sections)}")
     built = {}
-    for name, f in sections.items():
+    for name in sections:
         sub = model_tree if name == "model" else (tree.get(name) or {})
         built[name] = _build(get_type_hints(Config)[name], sub, name)
     return Config(**built)

@@ -3,6 +3,7 @@
   genlip-convert to-hf   --checkpoint DIR --out DIR [--dtype bf16|fp32] [--tokenizer PATH] [--max-shard-size 5GB]
   genlip-convert from-hf --hf DIR --out DIR [section.key=value ...]
   genlip-convert keys --variant g16            (the key/shape list an export writes, from a meta-device model)
+  genlip-convert refresh-code DIR [--check]    (replace an export's modeling/configuration code with this version's)
 
 to-hf reads a checkpoint of any TP/PP/VPP layout in ONE process: the model is rebuilt at TP=PP=1 and
 dist_checkpointing reassembles every tensor from its shards (TP slices, pipeline stages, virtual chunks). The
@@ -65,11 +66,11 @@ def from_hf(hf: str, out: str, overrides: Sequence[str] = ()) -> Path:
     import torch
 
     from genlip_mcore import config as C
+    from genlip_mcore.ckpt import save_weights_checkpoint
     from genlip_mcore.hf.export import load_hf_tensors
     from genlip_mcore.hf.keymap import hf_to_megatron, load_megatron_tp1
     from genlip_mcore.model import build_model_chunks
     from genlip_mcore.parallel import init_distributed, setup_model_parallel
-    from genlip_mcore.ckpt import save_weights_checkpoint
 
     cfg = hf_training_config(hf, overrides)
     local = copy.deepcopy(cfg)                     # built and saved at TP=PP=1; loads into any layout
@@ -91,10 +92,9 @@ def from_hf(hf: str, out: str, overrides: Sequence[str] = ()) -> Path:
 def export_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The HF key -> shape list an export of this model writes, computed on the meta device (no weight memory):
     the TP=PP=1 model's state dict through the same key map as `to_hf`."""
+    from genlip_mcore import config as C
     from genlip_mcore.hf.keymap import megatron_to_hf
     from genlip_mcore.info import _one_rank_world, build_meta
-
-    from genlip_mcore import config as C
     from genlip_mcore.parallel import setup_model_parallel
 
     _one_rank_world()
@@ -127,28 +127,46 @@ def _parser() -> argparse.ArgumentParser:
                    "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2")
     c = sub.add_parser("keys", help="print the key -> shape list an export writes (meta device, no weights)")
     c.add_argument("--variant", required=True, help="tiny, l16, so16 or g16 (comma-separated for several)")
+    r = sub.add_parser("refresh-code", help="rewrite an export's configuration_genlip.py and modeling_genlip.py "
+                       "with this version's (weights, config.json and tokenizer untouched)")
+    r.add_argument("dir", help="an HF directory written by genlip-convert to-hf")
+    r.add_argument("--check", action="store_true", help="only report; exit 1 if the code is out of date")
     return p
+
+
+def _refresh_code(path: str, check: bool) -> int:
+    from genlip_mcore.hf.export import refresh_code
+
+    stale = refresh_code(path, check=check)
+    if not stale:
+        print(f"genlip-convert: {path}: code files are up to date")
+        return 0
+    verb = "out of date" if check else "replaced"
+    print(f"genlip-convert: {path}: {verb}: {', '.join(stale)}")
+    return 1 if check else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr if args.cmd == "keys" else sys.stdout)
+    from genlip_mcore import logs
+
+    logs.setup(stream="stderr" if args.cmd == "keys" else "stdout")
     from genlip_mcore.config import ConfigError
 
     try:
         if args.cmd == "keys":
+            import contextlib
             import json
 
             from genlip_mcore import config as C
-
-            import contextlib
 
             with contextlib.redirect_stdout(sys.stderr):      # stdout carries only the JSON lines
                 lists = {v: export_shapes(C.load(None, [f"model.variant={v}"])) for v in args.variant.split(",")}
             for v, shapes in lists.items():
                 print(json.dumps({"variant": v, "num_tensors": len(shapes), "shapes": shapes}))
             return 0
+        if args.cmd == "refresh-code":
+            return _refresh_code(args.dir, args.check)
         if args.cmd == "to-hf":
             path = to_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
                          max_shard_size=args.max_shard_size, overwrite=args.overwrite)

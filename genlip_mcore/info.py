@@ -59,7 +59,9 @@ def _tp_split_params(model) -> set[str]:
     The module types are authoritative; the attribute (set on column-parallel biases) is honoured as well.
     """
     from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
     )
 
     split = set()
@@ -223,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfgs = _configs(args)                                # before any heavy import: bad input fails fast
     except ConfigError as e:
         print(f"genlip-model-info: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
     from megatron.core import parallel_state
 
@@ -238,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             infos = [model_info(cfg, args.seq_img, args.seq_txt) for cfg in cfgs]
         except ConfigError as e:
             print(f"genlip-model-info: {e}", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         finally:
             if started:
                 import torch.distributed as dist

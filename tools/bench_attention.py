@@ -49,7 +49,7 @@ def row_lengths(tokens: int, samples: int, img_min: int, img_max: int, seed: int
                          f"lower --img-max or raise --tokens")
     # A random composition of `rest` into `samples` parts >= 1: cut points drawn without replacement.
     cuts = sorted((torch.randperm(rest - 1, generator=g)[:samples - 1] + 1).tolist())
-    txt = [b - a for a, b in zip([0] + cuts, cuts + [rest])]
+    txt = [b - a for a, b in zip([0] + cuts, cuts + [rest], strict=True)]
     return img, txt
 
 
@@ -185,7 +185,7 @@ def cpu_peak_bytes(argv: list[str], name: str):
 def analytic(p, args) -> dict:
     """Bytes of the mask each contender holds, and of the [heads, q, k] scores a non-fused kernel materialises."""
     elt = torch.finfo(DTYPES[args.dtype]).bits // 8
-    full = [i + t for i, t in zip(p.img_lens, p.txt_lens)]
+    full = [i + t for i, t in zip(p.img_lens, p.txt_lens, strict=True)]
     T, n_max = p.total_len, max(full)
     return {
         "dense": {"mask_bytes": T * T, "scores_bytes": args.heads * T * T * elt},

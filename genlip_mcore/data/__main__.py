@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import sys
 import time
+from collections import Counter
 
 
 def _captions(patterns: list[str]):

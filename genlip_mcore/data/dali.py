@@ -125,7 +125,7 @@ class DaliDecoder:
                 results[i] = self._pil(d, targets[i])
         for s in range(0, len(todo), self.max_batch):
             chunk = todo[s:s + self.max_batch]
-            for i, r in zip(chunk, self._decode_chunk([datas[i] for i in chunk], [targets[i] for i in chunk])):
+            for i, r in zip(chunk, self._decode_chunk([datas[i] for i in chunk], [targets[i] for i in chunk]), strict=True):
                 results[i] = r
         return results
 
@@ -136,7 +136,7 @@ class DaliDecoder:
         # Some item broke the batch: find it by decoding one at a time. Bad items are rare, so this costs one
         # batch decoded serially plus a pipeline rebuild per bad item.
         res = []
-        for d, hw in zip(datas, sizes):
+        for d, hw in zip(datas, sizes, strict=True):
             one = self._run_safe([d], [hw])
             if one is None:
                 one = [self._pil(d, hw)]

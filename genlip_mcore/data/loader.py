@@ -30,7 +30,7 @@ import torch
 from genlip_mcore.config import DataConfig, expand_shards
 from genlip_mcore.data.batch import IGNORE_INDEX, Batch, concat
 from genlip_mcore.data.errors import SkipSample
-from genlip_mcore.data.packing import PackItem, Packer, row_to_batch
+from genlip_mcore.data.packing import Packer, PackItem, row_to_batch
 from genlip_mcore.data.shards import MixedReader, RawSample, SampleRef, read_sample
 
 log = logging.getLogger(__name__)

@@ -173,6 +173,6 @@ def build_layout(grid: tuple[int, int], turns: Sequence[tuple[str, str]], tokeni
         keep -= 1
     text, labelled = text[:keep], labelled[:keep]
     tokens = [IMAGE_ID] * n_img + text + end
-    labels = [IGNORE_INDEX] * n_img + [t if lab else IGNORE_INDEX for t, lab in zip(text, labelled)] + end
+    labels = [IGNORE_INDEX] * n_img + [t if lab else IGNORE_INDEX for t, lab in zip(text, labelled, strict=True)] + end
     return SampleLayout(tokens=tokens, labels=labels, positions=sample_positions(grid, len(text) + len(end)),
                         n_img=n_img, n_txt=len(text) + len(end), truncated=truncated)

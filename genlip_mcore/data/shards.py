@@ -27,7 +27,6 @@ from typing import Iterator, Optional
 import numpy as np
 
 
-
 @dataclass
 class SampleRef:
     """Where a sample's members live: enough to read it again (for resume of the packer's buffer)."""
@@ -225,6 +224,9 @@ class MixedReader:
         return {"draws": self.draws, "sources": [r.state_dict() for r in self.readers]}
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["sources"]) != len(self.readers):
+            raise ValueError(f"data.sources: the saved loader state has {len(state['sources'])} sources, the config "
+                             f"{len(self.readers)}; resume with the sources the run was started with")
         self.draws = state["draws"]
-        for r, s in zip(self.readers, state["sources"]):
+        for r, s in zip(self.readers, state["sources"], strict=True):
             r.load_state_dict(s)

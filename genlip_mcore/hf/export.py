@@ -139,13 +139,14 @@ def save_hf(out: str | Path, tensors: dict[str, Tensor], config: GenLIPConfig, *
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     config.auto_map = dict(AUTO_MAP)
-    config.dtype = DTYPES[dtype]
     config.save_pretrained(tmp)
     cj = json.loads((tmp / "config.json").read_text())
     # the released spellings (spec §8.2) next to transformers 5's: rope_scaling beside rope_parameters,
-    # torch_dtype beside dtype; and the released no-op fields transformers does not serialise itself
+    # torch_dtype beside dtype; and the released no-op fields transformers does not serialise itself. The dtype is
+    # written here as a string, never set on the config: transformers < 4.56 has no `dtype` attribute and cannot
+    # serialise a torch.dtype stored under that name.
     cj["rope_scaling"] = {"mrope_section": list(config.mrope_section), "rope_type": "default", "type": "default"}
-    cj["torch_dtype"] = "bfloat16" if dtype == "bf16" else "float32"
+    cj["torch_dtype"] = cj["dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
     for k, v in RELEASED_EXTRAS.items():
         cj.setdefault(k, getattr(config, k, v))
     (tmp / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
@@ -158,6 +159,38 @@ def save_hf(out: str | Path, tensors: dict[str, Tensor], config: GenLIPConfig, *
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def refresh_code(path: str | Path, *, check: bool = False) -> list[str]:
+    """Replace an export's `configuration_genlip.py` / `modeling_genlip.py` with this package's, leaving every other
+    file (weights, config.json, tokenizer) untouched. -> the names that were (check: would be) replaced.
+
+    Exports carry their modeling code, so a transformers release that breaks it breaks every export already written
+    (transformers 5.24 did, see GenLIPOutput); this is the repair. Refuses a directory that is not a GenLIP export:
+    config.json with model_type "genlip" and our auto_map, and its weights. Each file is written beside its old one
+    and renamed over it, so an interrupted refresh leaves every file either old or new, never partial."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a GenLIP export (no config.json)")
+    try:
+        cj = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cj, dict) or cj.get("model_type") != "genlip":
+        found = cj.get("model_type") if isinstance(cj, dict) else None
+        raise ValueError(f"{cfg_file}: model_type is {found!r}; refresh-code only rewrites GenLIP exports")
+    if cj.get("auto_map", {}).get("AutoModel") != AUTO_MAP["AutoModel"]:
+        raise ValueError(f"{cfg_file}: auto_map does not name {AUTO_MAP['AutoModel']}; not an export of genlip-convert")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; not a GenLIP export")
+    stale = [n for n in CODE_FILES if not (path / n).is_file() or (path / n).read_bytes() != (HF_DIR / n).read_bytes()]
+    if not check:
+        for name in stale:
+            tmp = path / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(HF_DIR / name, tmp)
+            os.replace(tmp, path / name)
+    return stale
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -341,13 +341,23 @@ class GenLIPCache:
 @dataclass
 class GenLIPOutput(ModelOutput):
     """hidden_states is proj(ln_post(last layer)) [B, S, E], one tensor as in the reference (spec §2.7).
-    layer_hidden_states (with output_hidden_states): (embeddings, after layer 1, ..., after layer L), [B, S, D] each."""
+    layer_hidden_states (with output_hidden_states): (embeddings, after layer 1, ..., after layer L), [B, S, D] each.
+    kv_cache (with use_cache): the GenLIPCache to pass back as `past_key_values`; also readable as
+    `.past_key_values` and `.cache`.
+
+    The cache field is deliberately not named `past_key_values` or `cache`: transformers renames those keywords in
+    every ModelOutput's __init__ from 5.24 on (past_key_values -> cache), and may rename them again, while 4.x has no
+    `cache`. A name it never touches works on every version; the two properties below keep both spellings readable."""
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
     layer_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    past_key_values: Optional[GenLIPCache] = None
+    kv_cache: Optional[GenLIPCache] = None
+
+    # plain properties (no annotation, so not dataclass fields); they override ModelOutput's own deprecation shims
+    past_key_values = property(lambda self: self.kv_cache, doc="The KV cache (alias of kv_cache).")
+    cache = property(lambda self: self.kv_cache, doc="The KV cache (alias of kv_cache).")
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -469,8 +479,14 @@ class GenLIPModel(PreTrainedModel):
 
     def forward(self, input_ids, image_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
                 attention_mask=None, sample_ids=None, labels=None, past_key_values=None, use_cache=False,
-                output_hidden_states=False, return_dict=None) -> GenLIPOutput:
-        cache = past_key_values if past_key_values is not None else (GenLIPCache() if use_cache else None)
+                output_hidden_states=False, return_dict=None, cache=None) -> GenLIPOutput:
+        """`past_key_values` (or its transformers >= 5.24 spelling `cache`): a GenLIPCache from an earlier call's
+        output, whose tokens this call continues; `use_cache` starts a new one. Both are returned as `kv_cache`."""
+        if past_key_values is not None and cache is not None:
+            raise ValueError("pass the KV cache as past_key_values or as cache, not both")
+        cache = past_key_values if past_key_values is not None else cache
+        if cache is None and use_cache:
+            cache = GenLIPCache()
         x, cos, sin, mask = self.prepare(input_ids, image_mask, pixel_values, image_grid_thw, position_ids,
                                          attention_mask, sample_ids, cache)
         x, states = self.visual(x, cos, sin, mask, cache, collect=output_hidden_states)
@@ -478,7 +494,7 @@ class GenLIPModel(PreTrainedModel):
         logits = self.lm_head(hidden)
         loss = caption_loss(logits, labels) if labels is not None else None
         out = GenLIPOutput(loss=loss, logits=logits, hidden_states=hidden, layer_hidden_states=states,
-                           past_key_values=cache)
+                           kv_cache=cache)
         return out if return_dict is not False else out.to_tuple()
 
     # -- features ----------------------------------------------------------------------------------------------------

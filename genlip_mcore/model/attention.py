@@ -111,7 +111,7 @@ def _local_groups(p: GenLIPPackedSeqParams, device):
     cached = getattr(p, "_local_groups", None)
     if cached is not None:
         return cached
-    lens = [n_i + n_t for n_i, n_t in zip(p.img_lens, p.txt_lens)]
+    lens = [n_i + n_t for n_i, n_t in zip(p.img_lens, p.txt_lens, strict=True)]
     starts = [0]
     for n in lens[:-1]:
         starts.append(starts[-1] + n)
@@ -145,7 +145,7 @@ def attention_local(q: Tensor, k: Tensor, v: Tensor, p: GenLIPPackedSeqParams, s
         q, k, v = (x.index_select(0, order) for x in (q, k, v))
     sizes = [g * n for g, n, _ in groups]
     outs = []
-    for (g, n, mask), qs, ks, vs in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+    for (g, n, mask), qs, ks, vs in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
         qs, ks, vs = (x.view(g, n, *x.shape[1:]).transpose(1, 2) for x in (qs, ks, vs))     # [g, heads, n, hn]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(o.transpose(1, 2).reshape(g * n, o.shape[1], o.shape[3]))

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from genlip_mcore.model.layer import param_device
+from genlip_mcore.model.layer import param_device, tp_group
 from genlip_mcore.model.spec import _no_init
 
 
@@ -31,7 +31,8 @@ class GenLIPEmbedding(MegatronModule):
         D = config.hidden_size
         self.patch_embed = replicated_linear(config, patch_dim, D)
         self.word_embeddings = VocabParallelEmbedding(vocab_size, text_embed_dim, init_method=_no_init,
-                                                      config=config, reduce_scatter_embeddings=False)
+                                                      config=config, reduce_scatter_embeddings=False,
+                                                      tp_group=tp_group())
         # E == D (So16) has no projection at all, as in the reference (nn.Identity there).
         self.in_proj = replicated_linear(config, text_embed_dim, D) if text_embed_dim != D else None
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from genlip_mcore.config import ModelConfig
 from genlip_mcore.model.attention import GenLIPPackedSeqParams
 from genlip_mcore.model.embeddings import GenLIPEmbedding, replicated_linear
+from genlip_mcore.model.layer import tp_group
 from genlip_mcore.model.rope import mrope_angles
 from genlip_mcore.model.spec import GenLIPTransformerConfig, _no_init, block_spec
 
@@ -59,7 +60,8 @@ class GenLIPModel(MegatronModule):
             # its input gradient is all-reduced over TP, making the gather's backward a plain split.
             head_cfg = dataclasses.replace(config, sequence_parallel=False)
             self.output_layer = ColumnParallelLinear(E, V, config=head_cfg, init_method=_no_init,
-                                                     bias=False, gather_output=False, skip_bias_add=True)
+                                                     bias=False, gather_output=False, skip_bias_add=True,
+                                                     tp_group=tp_group())
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):

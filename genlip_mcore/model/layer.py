@@ -19,6 +19,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 
+def tp_group():
+    """The tensor-parallel process group for layers we build ourselves (megatron-core deprecates leaving it None),
+    or None before model parallelism is set up, as megatron-core itself then passes."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+
+
 def param_device(config):
     """Where our own parameters live: as Megatron's CPU-init path, the default device (CPU, or meta inside
     `with torch.device("meta")`), else the current GPU."""
@@ -34,7 +42,7 @@ class SPLayerNorm(torch.nn.LayerNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in self.parameters():
-            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+            p.sequence_parallel = bool(config.sequence_parallel)
 
 
 class GenLIPTransformerLayer(TransformerLayer):
@@ -50,7 +58,7 @@ class GenLIPTransformerLayer(TransformerLayer):
                                                     device=dev))
         for p in (self.ls_attn, self.ls_mlp):
             # Replicated over TP but applied to an SP token shard: grads must be summed over TP.
-            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+            p.sequence_parallel = bool(config.sequence_parallel)
         self.self_attn_bda = lambda training, fused: self._residual_fn(0)
         self.mlp_bda = lambda training, fused: self._residual_fn(1)
         self._packed = None

@@ -75,14 +75,17 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
         batch_p2p_comm=batch_p2p, variable_seq_lengths=False, calculate_per_token_loss=True,
         transformer_impl="transformer_engine" if te else "local",
         layer_scale_init=m.layer_scale_init, drop_path_rate=m.drop_path_rate,
-        genlip_attention_backend=m.attention_backend, **kw,
+        genlip_attention_backend=m.attention_backend,
+        cuda_graph_scope=[],        # megatron-core's default "full" is deprecated in its favour (and warns)
+        **kw,
     )
 
 
-def layer_spec(transformer_impl: str) -> ModuleSpec:
+def layer_spec(transformer_impl: str, ffn_hidden_size: int) -> ModuleSpec:
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import (
-            TELayerNormColumnParallelLinear, TERowParallelLinear,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
         )
 
         qkv, proj, fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear, \
@@ -105,7 +108,9 @@ def layer_spec(transformer_impl: str) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,                     # replaced by the layer's residual add
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            # ffn_hidden_size given explicitly: megatron-core deprecates taking it from the config
+            mlp=ModuleSpec(module=MLP, params={"ffn_hidden_size": ffn_hidden_size},
+                           submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
@@ -122,5 +127,5 @@ def final_norm_cls(transformer_impl: str):
 
 def block_spec(config: GenLIPTransformerConfig, vp_stage=None) -> TransformerBlockSubmodules:
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(config.transformer_impl)] * n,
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(config.transformer_impl, config.ffn_hidden_size)] * n,
                                       layer_norm=final_norm_cls(config.transformer_impl))

@@ -12,8 +12,10 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from genlip_mcore import config as C
+from genlip_mcore import logs
 
 log = logging.getLogger("genlip_mcore.train")
 
@@ -33,8 +35,7 @@ def dist_rank() -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    logs.setup()
     from genlip_mcore.parallel import init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     except C.ConfigError as e:
         print(f"genlip-pretrain: config error: {e}", file=sys.stderr)
         return 2
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logs.attach_file(Path(cfg.training.run_dir) / "logs" / f"rank{rank}.log")
     init_distributed()
     from genlip_mcore.train.loop import train
 

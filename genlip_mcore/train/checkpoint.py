@@ -28,8 +28,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from genlip_mcore import ckpt
-from genlip_mcore.ckpt import (layout, load_model, model_sharded_state_dict, prepare_save, publish,  # noqa: F401
-                               save_model, save_weights_checkpoint)
+from genlip_mcore.ckpt import (  # noqa: F401
+    layout,
+    load_model,
+    model_sharded_state_dict,
+    prepare_save,
+    publish,
+    save_model,
+    save_weights_checkpoint,
+)
 from genlip_mcore.config import Config, to_dict
 
 log = logging.getLogger(__name__)

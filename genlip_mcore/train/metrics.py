@@ -89,7 +89,7 @@ def step_flops(model_cfg: ModelConfig, img_lens: list[int], txt_lens: list[int],
     # info.flops_per_token is the spec §10 formula for one sample: its n_eff and its pair count are reused here.
     n_dense = flops_per_token(m, 0, 1)["n_eff"] - head
     pairs = sum(flops_per_token(m, ni, nt)["sample"]["attention_pairs"]
-                for ni, nt in zip(img_lens, txt_lens) if ni + nt > 0)
+                for ni, nt in zip(img_lens, txt_lens, strict=True) if ni + nt > 0)
     attention = 3 * 4 * m.head_dim * m.num_attention_heads * m.num_layers * pairs
     return float(6 * n_dense * tokens + 6 * head * n_lm + attention)
 

@@ -77,8 +77,8 @@ def main(mode, *args):
     import torch.distributed as dist
 
     from genlip_mcore import config as C
-    from genlip_mcore.parallel import init_distributed
     from genlip_mcore.ckpt import load_model, save_weights_checkpoint
+    from genlip_mcore.parallel import init_distributed
     from genlip_mcore.train.loop import train
 
     _, world = init_distributed()

@@ -52,7 +52,7 @@ def run_layout(name, overrides, ckpt_dir, world):
     chunks = build_model_chunks(cfg)                       # layout's own init ...
     own = [{k: v.clone() for k, v in c.state_dict().items() if torch.is_tensor(v)} for c in chunks]
     load_model(chunks, ckpt_dir)                           # ... must equal the TP=1 checkpoint
-    init_equal = all(torch.equal(o[k], c.state_dict()[k]) for o, c in zip(own, chunks) for k in o)
+    init_equal = all(torch.equal(o[k], c.state_dict()[k]) for o, c in zip(own, chunks, strict=True) for k in o)
     wrapped = wrap_chunks(cfg, chunks)
     optimizer = build_optimizer(cfg, wrapped)
     scheduler = build_scheduler(cfg, optimizer)

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +50,7 @@ def work(tmp_path_factory):
 def hf_model(work):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(work / "hf"), trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(str(work / "hf"), trust_remote_code=True).float().eval()
     return model
 
 

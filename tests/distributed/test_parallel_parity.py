@@ -32,7 +32,7 @@ def test_layout_matches_tp1pp1(results, layout):
     assert len(run["loss"]) == len(base["loss"]) == 5
     assert run["tokens"] == base["tokens"]                        # same data, same caption-token counts
     for key in ("loss", "grad_norm", "lr"):
-        for step, (a, b) in enumerate(zip(run[key], base[key])):
+        for step, (a, b) in enumerate(zip(run[key], base[key], strict=True)):
             assert abs(a - b) <= RTOL * abs(b), f"{layout} {key} step {step}: {a} vs {b}"
 
 
@@ -51,7 +51,7 @@ def test_bf16_tracks_fp32(results):
     """bf16 params/activations with fp32 main weights (TP2 x PP2 + SP + distributed optimizer): close, not equal.
     Tolerances are bf16-sized: 1e-3 relative on loss, 2e-2 on the gradient norm (observed 6e-5 and 4e-3)."""
     base, run = results["tp1pp1"], results["tp2_pp2_sp_bf16_distopt"]
-    for a, b in zip(run["loss"], base["loss"]):
+    for a, b in zip(run["loss"], base["loss"], strict=True):
         assert abs(a - b) <= 1e-3 * abs(b)
-    for a, b in zip(run["grad_norm"], base["grad_norm"]):
+    for a, b in zip(run["grad_norm"], base["grad_norm"], strict=True):
         assert abs(a - b) <= 2e-2 * abs(b)

@@ -26,5 +26,5 @@ def test_resume_is_bitwise_identical(losses):
 
 def test_resume_at_another_layout_continues(losses):
     n = len(losses["first_half"])
-    for (a, ga), (b, gb) in zip(losses["second_half_tp1"], losses["straight"][n:]):
+    for (a, ga), (b, gb) in zip(losses["second_half_tp1"], losses["straight"][n:], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b) and abs(ga - gb) <= 1e-5 * abs(gb)

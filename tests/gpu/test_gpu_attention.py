@@ -57,7 +57,7 @@ def rel_err(a, ref):
 
 
 def check(name, got, local, truth, dtype):
-    for what, g, l, t in zip(("out", "dq", "dk", "dv"), got, local, truth):
+    for what, g, l, t in zip(("out", "dq", "dk", "dv"), got, local, truth, strict=True):
         e_got, e_local = rel_err(g, t), rel_err(l, t)
         assert e_got < BOUND[dtype], f"{name} {what} {dtype}: rel err {e_got:.2e}"
         assert e_got <= FACTOR * e_local + FLOOR[dtype], f"{name} {what} {dtype}: {e_got:.2e} vs local {e_local:.2e}"
@@ -94,8 +94,8 @@ def test_te_backend_matches_local():
         p = build_packed_params(img, txt, device="cuda")
         qkv, go = inputs(p.total_len, HEADS, dtype)
         scale = 1 / math.sqrt(HD)
-        truth = run(lambda q, k, v: attention_local(q, k, v, p, scale), qkv, go, torch.float64)
-        local = run(lambda q, k, v: attention_local(q, k, v, p, scale), qkv, go, dtype)
-        te = run(lambda q, k, v: attn(q[:, None], k[:, None], v[:, None], None, packed_seq_params=p)
+        truth = run(lambda q, k, v, p=p, scale=scale: attention_local(q, k, v, p, scale), qkv, go, torch.float64)
+        local = run(lambda q, k, v, p=p, scale=scale: attention_local(q, k, v, p, scale), qkv, go, dtype)
+        te = run(lambda q, k, v, p=p: attn(q[:, None], k[:, None], v[:, None], None, packed_seq_params=p)
                  .view(p.total_len, HEADS, HD), qkv, go, dtype)
         check("te", te, local, truth, dtype)

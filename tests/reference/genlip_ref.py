@@ -321,7 +321,7 @@ def make_packed_row(cfg: RefConfig, samples: Sequence[Tuple[int, int, int]],
     """samples: list of (gh, gw, n_text). Builds one packed row per spec 4.1 / 6.3 / 6.6."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     parts = [_sample_tokens(cfg, gh, gw, nt, s, gen) for s, (gh, gw, nt) in enumerate(samples)]
-    ids, labels, pos, is_img, sids = (torch.cat(t, dim=-1) for t in zip(*parts))
+    ids, labels, pos, is_img, sids = (torch.cat(t, dim=-1) for t in zip(*parts, strict=True))
     n = ids.shape[0]
     pad_len = 0 if pad_to is None else pad_to - n
     if pad_len < 0:

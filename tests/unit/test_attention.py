@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from genlip_mcore.model.attention import (
-    PrefixLMAttention, attention_flex, attention_local, build_packed_params, sample_mask,
+    PrefixLMAttention,
+    attention_flex,
+    attention_local,
+    build_packed_params,
+    sample_mask,
 )
 
 DT = torch.float64
@@ -25,8 +29,8 @@ TOL = 1e-10
 # ------------------------------------------------------------------------------------------------------------------
 def dense_mask(img_lens, txt_lens) -> torch.Tensor:
     """[T, T] bool from spec §3.1: (q >= k and same sample) or (both image tokens of the same sample)."""
-    sid = torch.cat([torch.full((i + t,), s) for s, (i, t) in enumerate(zip(img_lens, txt_lens))])
-    f = torch.cat([torch.cat([torch.ones(i), torch.zeros(t)]) for i, t in zip(img_lens, txt_lens)])
+    sid = torch.cat([torch.full((i + t,), s) for s, (i, t) in enumerate(zip(img_lens, txt_lens, strict=True))])
+    f = torch.cat([torch.cat([torch.ones(i), torch.zeros(t)]) for i, t in zip(img_lens, txt_lens, strict=True)])
     pos = torch.arange(sid.numel())
     same = sid[:, None] == sid[None, :]
     causal = pos[:, None] >= pos[None, :]
@@ -129,7 +133,7 @@ def test_local_forward_and_backward_match_dense(heads, kv_heads, hd, seed):
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     want = torch.autograd.grad(ref, (q, k, v), grad_out)
-    for name, a, b in zip("qkv", got, want):
+    for name, a, b in zip("qkv", got, want, strict=True):
         assert a.abs().max() > 0, name
         torch.testing.assert_close(a, b, rtol=0, atol=TOL, msg=f"grad of {name}")
 

@@ -396,6 +396,30 @@ def test_example_parses_and_documents_itself(path):
     assert cfg.model.variant in C.VARIANTS
 
 
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if "sources:" in p.read_text()], ids=lambda p: p.name)
+def test_example_shard_patterns_expand_as_intended(path, tmp_path):
+    """Each pattern, moved under tmp_path, finds exactly the files it names: brace ranges expand to plain names
+    (a doubled `{{a..b}}` leaves literal braces and can never match), globs reach into subfolders."""
+    from braceexpand import braceexpand
+
+    sources = yaml.safe_load(path.read_text())["data"]["sources"]
+    assert sources, path.name
+    for pattern in sources:
+        assert pattern.startswith("/data/"), pattern
+        moved = str(tmp_path) + pattern[len("/data"):]
+        if "{" in pattern:
+            names = list(braceexpand(moved))
+            assert not any(c in n for n in names for c in "{}"), f"{path.name}: {pattern} leaves braces"
+            assert len(names) == 100_000 and names[0].endswith("/000000.tar") and names[-1].endswith("/099999.tar")
+            want = [names[0], names[4321], names[-1]]
+        else:
+            want = [str(tmp_path / "navit-mix" / "a.tar"), str(tmp_path / "navit-mix" / "sub" / "deeper" / "b.tar")]
+        for f in want:
+            Path(f).parent.mkdir(parents=True, exist_ok=True)
+            Path(f).write_bytes(b"")
+        assert C.expand_shards(moved) == sorted(want), f"{path.name}: {pattern}"
+
+
 def test_tiny_cpu_loads():
     path = REPO / "examples" / "configs" / "tiny_cpu.yaml"
     cfg = C.load(path, world_size=1)

@@ -56,12 +56,12 @@ def stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 def assert_agree(outs, datas, cfg, sizes, same_jpeg_decoder: bool = True):
     """Per-image bounds against decode_pil; returns the worst (mean-abs, p99, max) seen."""
     worst = [0.0, 0.0, 0.0]
-    for o, d, hw in zip(outs, datas, sizes):
+    for o, d, hw in zip(outs, datas, sizes, strict=True):
         ref = decode_pil(d, cfg, hw)
         assert torch.is_tensor(o) and o.dtype == torch.float32
         assert tuple(o.shape) == tuple(ref.shape) == (3, *hw)
         s = stats(o, ref)
-        worst = [max(w, v) for w, v in zip(worst, s)]
+        worst = [max(w, v) for w, v in zip(worst, s, strict=True)]
         assert s[0] < MEAN_ABS and s[1] <= P99 and s[2] <= MAX_ABS, (hw, s)
         if same_jpeg_decoder and tuple(ref.shape[1:]) == header_size(d, cfg):  # no resize: libjpeg-turbo twice
             assert s[2] <= LSB + 1e-6, (hw, s)
@@ -96,7 +96,7 @@ def test_modes_match_pillow():
     items["I;16_ramp"] = (encode(Image.fromarray(a16), "PNG"), None)
     datas = [d for d, _ in items.values()]
     outs = DaliDecoder(cfg).decode(datas, [(224, 224)] * len(datas))
-    for name, o, d in zip(items, outs, datas):
+    for name, o, d in zip(items, outs, datas, strict=True):
         s = stats(o, decode_pil(d, cfg))
         assert s[2] <= 2 * LSB + 1e-6, (name, s)
 

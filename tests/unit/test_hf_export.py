@@ -17,8 +17,14 @@ from PIL import Image
 
 from genlip_mcore import config as C
 from genlip_mcore.hf.configuration_genlip import GenLIPConfig
-from genlip_mcore.hf.export import (hf_config, image_processor_config, load_hf_config, load_hf_tensors, save_hf,
-                                    training_tree)
+from genlip_mcore.hf.export import (
+    hf_config,
+    image_processor_config,
+    load_hf_config,
+    load_hf_tensors,
+    save_hf,
+    training_tree,
+)
 from tests.reference.genlip_ref import RefConfig, init_ref_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,12 +82,12 @@ def test_keys_are_computed_without_weight_memory(tp1):
 # ------------------------------------------------------------------------------------------------------------------
 # Writing and reading a directory
 # ------------------------------------------------------------------------------------------------------------------
-def _tiny(tmp_path, **save_kw):
+def _tiny(tmp_path, vocab_size=97, **save_kw):
     rc = RefConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   vocab_size=97, text_embed_dim=32, mrope_section=(2, 2, 2))
+                   vocab_size=vocab_size, text_embed_dim=32, mrope_section=(2, 2, 2))
     sd = init_ref_state_dict(rc, torch.Generator().manual_seed(3))
     cfg = C.load(None, ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96",
-                        "model.text_embed_dim=32", "model.vocab_size=97", "model.mrope_section=[2,2,2]",
+                        "model.text_embed_dim=32", f"model.vocab_size={vocab_size}", "model.mrope_section=[2,2,2]",
                         "data.image_size=64"])
     out = save_hf(tmp_path / "hf", sd, hf_config(cfg), **save_kw)
     return sd, cfg, out
@@ -130,7 +136,7 @@ def test_sharded_export_has_an_index_and_loads_with_automodel(tmp_path):
     assert len(files) > 2 and not (out / "model.safetensors").exists()
     assert set(index["weight_map"]) == set(sd)
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sd.values())
-    model = AutoModel.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True).float()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
@@ -165,3 +171,114 @@ def test_image_processor_config_matches_our_preprocessing(tmp_path, stage):
         gh, gw = ours.shape[1] // 16, ours.shape[2] // 16
         assert pv["image_grid_thw"].tolist() == [[1, gh, gw]]
         assert (pv["pixel_values"] - patchify(ours).reshape(gh * gw, -1)).abs().max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# An export, captioned through genlip-caption --hf (CI runs this file under the oldest and the locked transformers)
+# ------------------------------------------------------------------------------------------------------------------
+def test_export_with_tokenizer_captions_like_the_model_it_came_from(tmp_path, capsys):
+    from PIL import Image
+
+    from genlip_mcore import caption
+    from genlip_mcore.data.tokenizer import train_sentencepiece
+    from genlip_mcore.hf.modeling_genlip import GenLIPModel
+
+    texts = ["a red square on a blue field", "a green circle in the middle", "two yellow stripes"] * 20
+    train_sentencepiece(texts, tmp_path / "tok", vocab_size=300)
+    sd, cfg, out = _tiny(tmp_path, vocab_size=300, dtype="fp32", tokenizer=tmp_path / "tok" / "tokenizer.model")
+    assert (out / "tokenizer.model").is_file()
+    paths = []
+    for i, colour in enumerate(((200, 20, 20), (20, 200, 40), (30, 30, 220))):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (48 + 16 * i, 40), colour).save(paths[-1])
+    model, tok, image_cfg, prompt = caption.load_captioner(hf=out, device="cpu")
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    ref = GenLIPModel(hf_config(cfg)).eval()                      # the in-memory model the export was written from
+    ref.load_state_dict(sd, strict=True)
+    want = caption.caption_files(ref, tok, image_cfg, paths, prompt, max_new_tokens=5, batch_size=2)
+    assert caption.main(["--hf", str(out), "--max-new-tokens", "5", "--batch-size", "2", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split("\t")[1] for line in lines] == [" ".join(c.split()) for c in want]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# genlip-convert refresh-code: exports written before a modeling fix
+# ------------------------------------------------------------------------------------------------------------------
+# tests/data/modeling_genlip_d0c3848.py is modeling_genlip.py exactly as commit d0c3848 exported it: its output class
+# has a `past_key_values` field, which transformers >= 5.24 renames to `cache` in every ModelOutput __init__.
+OLD_MODELING = ROOT / "tests" / "data" / "modeling_genlip_d0c3848.py"
+
+
+def _digests(path: Path) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_refresh_code_repairs_an_export_written_with_the_broken_modeling_file(tmp_path):
+    import transformers
+    from packaging.version import Version
+    from transformers import AutoModel
+
+    sd, _, out = _tiny(tmp_path, dtype="fp32")
+    (out / "modeling_genlip.py").write_bytes(OLD_MODELING.read_bytes())
+    before = _digests(out)
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    image_mask = torch.arange(10)[None] < 4
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # the broken file fails on the transformers that broke it, and worked before it. In a subprocess: transformers
+    # keeps a remote-code module in sys.modules, and this process must import the repaired one below.
+    probe = ("import sys, torch; from transformers import AutoModel; "
+             "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval(); "
+             "m(torch.ones(1, 10, dtype=torch.long), torch.arange(10)[None] < 4, torch.zeros(1, 3, 32, 32))")
+    res = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    if Version(transformers.__version__) >= Version("5.24"):
+        assert res.returncode != 0 and "unexpected keyword argument 'cache'" in res.stderr, res.stderr[-2000:]
+    else:
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    cli = [sys.executable, "-m", "genlip_mcore.convert", "refresh-code", str(out)]
+    check = subprocess.run(cli + ["--check"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert check.returncode == 1 and "out of date: modeling_genlip.py" in check.stdout, check.stdout + check.stderr
+    assert _digests(out) == before                                # --check writes nothing
+    res = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "replaced: modeling_genlip.py" in res.stdout, res.stdout + res.stderr
+    after = _digests(out)
+    assert after.pop("modeling_genlip.py") != before.pop("modeling_genlip.py")
+    assert after == before                                        # weights, config, other code: byte for byte
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    new = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    from genlip_mcore.hf.modeling_genlip import GenLIPModel
+
+    ref = GenLIPModel(new.config).eval()
+    ref.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        got, want = new(ids, image_mask, image, use_cache=True), ref(ids, image_mask, image)
+    assert (got.logits - want.logits).abs().max() <= 1e-5
+    assert got.past_key_values is got.kv_cache is got.cache and got.kv_cache.seq_len == 10
+    again = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "other_model", "bad_json", "no_auto_map", "no_weights"])
+def test_refresh_code_refuses_what_is_not_a_genlip_export(tmp_path, case):
+    from genlip_mcore.convert import main
+
+    target = tmp_path / "d"
+    if case != "missing":
+        target.mkdir()
+    cj = {"model_type": "genlip", "auto_map": {"AutoModel": "modeling_genlip.GenLIPModel"}}
+    if case == "other_model":
+        cj["model_type"] = "siglip"
+    if case == "no_auto_map":
+        cj.pop("auto_map")
+    if case not in ("missing", "empty"):
+        (target / "config.json").write_text("{not json" if case == "bad_json" else json.dumps(cj))
+    if case != "no_weights" and target.exists():
+        (target / "model.safetensors").write_bytes(b"weights")
+    before = sorted(p.name for p in target.iterdir()) if target.exists() else None
+    assert main(["refresh-code", str(target)]) == 2
+    assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before

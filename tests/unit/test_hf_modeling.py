@@ -17,8 +17,14 @@ import torch
 
 from genlip_mcore.hf.configuration_genlip import GenLIPConfig, default_mrope_section
 from genlip_mcore.hf.modeling_genlip import GenLIPModel, _strip_end, grid_positions, to_patches
-from tests.reference.genlip_ref import (RefConfig, init_ref_state_dict, make_packed_row, ref_forward,
-                                        ref_param_shapes, ref_token_mean_loss)
+from tests.reference.genlip_ref import (
+    RefConfig,
+    init_ref_state_dict,
+    make_packed_row,
+    ref_forward,
+    ref_param_shapes,
+    ref_token_mean_loss,
+)
 
 TOL = 1e-5
 HF_DIR = Path(__file__).resolve().parents[2] / "genlip_mcore" / "hf"
@@ -147,7 +153,7 @@ def test_batch_of_different_lengths_equals_each_sample_alone(tiny):
     with torch.no_grad():
         out = model(**batch, image_grid_thw=grids_of(samples))
         total, count = 0.0, 0
-        for b, (row, s) in enumerate(zip(rows, samples)):
+        for b, (row, s) in enumerate(zip(rows, samples, strict=True)):
             n = row["input_ids"].numel()
             alone = model(row["input_ids"][None], row["image_mask"][None], row["pixel_patches"],
                           image_grid_thw=grids_of([s]))
@@ -166,7 +172,7 @@ def test_positions_from_grid_equal_explicit_positions(tiny):
     derived = grid_positions(row["image_mask"][None], row["sample_ids"][None], [(3, 5), (2, 2)])[0]
     real = row["sample_ids"] >= 0
     assert torch.equal(derived[:, real], row["position_ids"][:, real])
-    from genlip_mcore.data.sample import sample_positions               # the data pipeline's own rule agrees
+    from genlip_mcore.data.sample import sample_positions  # the data pipeline's own rule agrees
     assert torch.equal(derived[:, :19], sample_positions((3, 5), 4))
     common = (row["input_ids"][None], row["image_mask"][None], row["pixel_patches"])
     with torch.no_grad():
@@ -212,18 +218,18 @@ def test_encode_images_layers_and_independence_from_text(tiny):
         for layer, f in feats.items():
             assert [tuple(t.shape) for t in f] == [(6, E if layer == "post_proj" else D), (4, E if layer ==
                                                                                           "post_proj" else D)]
-        assert all(torch.equal(a, b) for a, b in zip(feats["pre_norm"], feats[L]))
-        assert all(torch.equal(a, b) for a, b in zip(feats["pre_norm"], feats[-1]))
+        assert all(torch.equal(a, b) for a, b in zip(feats["pre_norm"], feats[L], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(feats["pre_norm"], feats[-1], strict=True))
         p0, _ = to_patches(images[0], None, 16, 3)
         assert torch.allclose(feats[0][0], model.vision_embeddings(p0), atol=1e-6)
-        for im, f in zip(images, feats["post_proj"]):            # batched (padded) == alone == with text after it
+        for im, f in zip(images, feats["post_proj"], strict=True):            # batched (padded) == alone == with text after it
             assert (model.encode_images([im])[0] - f).abs().max() < TOL
             n = f.shape[0]
             ids = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(1, 8)])[None]
             out = model(ids, torch.arange(n + 7)[None] < n, [im])
             assert (out.hidden_states[0, :n] - f).abs().max() < TOL
         one_by_one = model.encode_images(images, layer="post_norm", batch_size=1)
-        assert all((a - b).abs().max() < TOL for a, b in zip(one_by_one, feats["post_norm"]))
+        assert all((a - b).abs().max() < TOL for a, b in zip(one_by_one, feats["post_norm"], strict=True))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -300,6 +306,37 @@ def test_save_and_from_pretrained_round_trip(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids, torch.arange(9)[None] < 4, image).logits,
                            back(ids, torch.arange(9)[None] < 4, image).logits)
+
+
+def test_transformers_api_surface_on_this_version(tiny, tmp_path):
+    """What drifts between transformers releases, checked on whichever one runs this (CI: 4.53 and the lock's 5.x):
+    _from_config, loading in bf16 through this version's dtype keyword, attn_implementation, return_dict=False, and
+    the KV cache under every spelling (kv_cache, past_key_values, cache; 5.24 renames the last two)."""
+    import transformers
+    from packaging.version import Version
+
+    rc, model, sd = tiny
+    fresh = GenLIPModel._from_config(model.config)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    model.save_pretrained(tmp_path)
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    for impl in ("eager", "sdpa"):
+        m = GenLIPModel.from_pretrained(tmp_path, attn_implementation=impl, **{dtype_kw: torch.bfloat16})
+        assert m.config._attn_implementation == impl
+        assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    ids = torch.randint(1, rc.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    image_mask, image = torch.arange(9)[None] < 4, torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = model(ids, image_mask, image, use_cache=True)
+        assert out.kv_cache is out.past_key_values is out.cache and out.kv_cache.seq_len == 9
+        as_tuple = model(ids, image_mask, image, use_cache=True, return_dict=False)
+        assert torch.equal(as_tuple[0], out.logits) and type(as_tuple[-1]) is type(out.kv_cache)
+        nxt = torch.tensor([[5]])
+        a = model(nxt, past_key_values=model(ids, image_mask, image, use_cache=True).kv_cache).logits
+        b = model(nxt, cache=model(ids, image_mask, image, use_cache=True).kv_cache).logits
+        assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="not both"):
+            model(nxt, past_key_values=out.kv_cache, cache=out.kv_cache)
 
 
 def test_training_forward_reaches_every_parameter():

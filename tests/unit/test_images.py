@@ -13,8 +13,7 @@ import torch
 from PIL import Image, ImageFile
 
 from genlip_mcore.data.errors import SkipSample
-from genlip_mcore.data.images import (ImageConfig, decode_pil, grid, header_size, patchify, smart_resize,
-                                      target_size)
+from genlip_mcore.data.images import ImageConfig, decode_pil, grid, header_size, patchify, smart_resize, target_size
 
 S1, S2 = ImageConfig(stage=1), ImageConfig(stage=2)
 LSB = 2 / 255  # one 8-bit step after normalising to [-1, 1]

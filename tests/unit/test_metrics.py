@@ -23,7 +23,7 @@ def allowed_pairs(img_lens, txt_lens) -> int:
     """The prefix-LM rule on an explicit packed mask: image queries see their sample's image tokens; text queries
     see their sample's image and the sample's text up to and including themselves."""
     sample, is_img, pos = [], [], []
-    for s, (ni, nt) in enumerate(zip(img_lens, txt_lens)):
+    for s, (ni, nt) in enumerate(zip(img_lens, txt_lens, strict=True)):
         sample += [s] * (ni + nt)
         is_img += [True] * ni + [False] * nt
         pos += list(range(ni + nt))

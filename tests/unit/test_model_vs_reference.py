@@ -89,7 +89,7 @@ def test_removing_the_caption_leaves_image_tokens_unchanged(tp1):
     # Same images and prompts (first 2 text tokens), captions removed.
     keep = torch.ones(full["input_ids"].numel(), dtype=torch.bool)
     start = 0
-    for n_i, n_t in zip(full["img_lens"], full["txt_lens"]):
+    for n_i, n_t in zip(full["img_lens"], full["txt_lens"], strict=True):
         keep[start + n_i + 2:start + n_i + n_t] = False
         start += n_i + n_t
     b = dict(a, tokens=a["tokens"][keep], position_ids=a["position_ids"][:, keep], targets=None,

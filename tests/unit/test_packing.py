@@ -5,7 +5,7 @@ import random
 import torch
 
 from genlip_mcore.data.batch import IGNORE_INDEX
-from genlip_mcore.data.packing import PackItem, Packer, pack_efficiency, row_to_batch
+from genlip_mcore.data.packing import Packer, PackItem, pack_efficiency, row_to_batch
 from genlip_mcore.model.attention import build_packed_params
 
 

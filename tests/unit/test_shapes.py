@@ -86,7 +86,7 @@ def test_uneven_split_and_default_heldout(tmp_path):
 def test_images_decode_with_varied_sizes(ds):
     root, manifest = ds
     sizes = set()
-    for _, _, key, members in _all_samples(root, manifest):
+    for _, _, _key, members in _all_samples(root, manifest):
         img = Image.open(io.BytesIO(members["jpg"]))
         assert img.format == "JPEG" and img.mode == "RGB"
         img.load()

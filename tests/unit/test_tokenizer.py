@@ -5,8 +5,13 @@ import json
 import pytest
 
 from genlip_mcore.config import ConfigError
-from genlip_mcore.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer,
-                                         train_sentencepiece)
+from genlip_mcore.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 CAPTIONS = [
     "A brown dog runs across a green field.",
@@ -28,7 +33,8 @@ def sp_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A byte-level BPE like Qwen's, with <|im_end|> as an added special token."""
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -103,7 +109,8 @@ def test_hf_decode_keeps_special_tokens(hf_dir):
 
 
 def test_hf_without_im_end_needs_an_end_text(tmp_path):
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
 
     raw = HF(models.WordLevel({"[UNK]": 0, "a": 1, "stop": 2}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
