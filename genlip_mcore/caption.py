@@ -230,6 +230,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(logging.WARNING, stream="stderr", fmt="%(levelname)s %(name)s: %(message)s")   # stdout: captions
+    if args.hf:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()        # transformers 5 draws a bar for loading a few MB of weights
     model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
                                                    device=args.device)
     prompt = prompt if args.prompt is None else args.prompt

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import TextIO
 
 # Messages of captured warnings (logger "py.warnings") that are chatter: megatron-core's fallbacks on machines without
-# Transformer Engine or Apex, and its deprecations of its own defaults and shims.
+# Transformer Engine or Apex, its deprecations of its own defaults and shims, and the torch deprecations that its
+# distributed checkpointing runs into (ShardedTensor, torch.distributed.checkpoint.load_state_dict).
 CHATTER_WARNINGS = re.compile(
     r"Transformer Engine and Apex are not installed|Apex is not installed|"
     r"The following imports from `dynamic_context.py`|tp_group is None, using default tp group|"
-    r"`torch.jit.script_method` is deprecated")
+    r"`torch.jit.script_method` is deprecated|Please use DTensor instead and we are deprecating ShardedTensor|"
+    r"`load_state_dict` is deprecated and will be removed")
 CHATTER_LOGGERS = ("megatron",)         # below WARNING, these loggers are chatter
 FORMAT = "%(asctime)s %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
