@@ -14,6 +14,12 @@ def test_quickstart_script_runs_through_and_the_hf_export_captions_identically(t
     proc = subprocess.run(["bash", "scripts/quickstart.sh", "training.train_iters=6", "training.log_interval=2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    console = proc.stdout + proc.stderr
+    for chatter in ("Params for bucket", "are not installed", "is not installed", "DeprecationWarning",
+                    "FutureWarning", "Loading weights"):
+        assert chatter not in console, chatter             # third-party chatter stays in the log file
+    log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert "DEBUG megatron.core.distributed.param_and_grad_buffer: Params for bucket" in log
     assert len(re.findall(r"iteration +\d+/ *6 \|", proc.stdout)) == 3
     m = re.search(r"exact match: ([\d.]+)% of (\d+) held-out images", proc.stdout)
     assert m and int(m.group(2)) == 20                      # 5% of 400
