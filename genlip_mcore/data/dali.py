@@ -125,7 +125,8 @@ class DaliDecoder:
                 results[i] = self._pil(d, targets[i])
         for s in range(0, len(todo), self.max_batch):
             chunk = todo[s:s + self.max_batch]
-            for i, r in zip(chunk, self._decode_chunk([datas[i] for i in chunk], [targets[i] for i in chunk]), strict=True):
+            decoded = self._decode_chunk([datas[i] for i in chunk], [targets[i] for i in chunk])
+            for i, r in zip(chunk, decoded, strict=True):
                 results[i] = r
         return results
 

@@ -222,7 +222,8 @@ def test_encode_images_layers_and_independence_from_text(tiny):
         assert all(torch.equal(a, b) for a, b in zip(feats["pre_norm"], feats[-1], strict=True))
         p0, _ = to_patches(images[0], None, 16, 3)
         assert torch.allclose(feats[0][0], model.vision_embeddings(p0), atol=1e-6)
-        for im, f in zip(images, feats["post_proj"], strict=True):            # batched (padded) == alone == with text after it
+        # batched (padded) == alone == with text after it
+        for im, f in zip(images, feats["post_proj"], strict=True):
             assert (model.encode_images([im])[0] - f).abs().max() < TOL
             n = f.shape[0]
             ids = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(1, 8)])[None]
