@@ -96,16 +96,24 @@ def _install(root: logging.Logger, handler: logging.Handler, fmt: str, flt: logg
     return handler
 
 
+def reset() -> None:
+    """Remove what setup() and attach_file() installed (for code that calls an entry point's main() in-process and
+    goes on, like the tests)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if _ours(h)]:
+        root.removeHandler(h)
+        h.close()
+    logging.captureWarnings(False)
+
+
 def setup(level: int = logging.INFO, stream: str = "stdout", fmt: str = FORMAT) -> None:
     """Console logging for a command-line entry point (replaces logging.basicConfig) on sys.`stream` ("stdout" or
     "stderr"). Idempotent: a second call replaces the handlers of the first. Records are buffered for `attach_file`
     until it is called."""
     if stream not in ("stdout", "stderr"):
         raise ValueError(f"stream must be 'stdout' or 'stderr', got {stream!r}")
+    reset()
     root = logging.getLogger()
-    for h in [h for h in root.handlers if _ours(h)]:
-        root.removeHandler(h)
-        h.close()
     root.setLevel(min(level, logging.INFO))
     console = _install(root, _Console(stream), fmt,
                        logging.Filter() if os.environ.get("GENLIP_LOG_CHATTER") == "1" else _ConsoleFilter())

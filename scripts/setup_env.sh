@@ -56,8 +56,13 @@ pip_quiet install --quiet "pip==$PIP_VERSION"
 log "installing the lock: pip install -r $LOCK ($(grep -c '==' "$LOCK") packages)"
 pip_quiet install --quiet -r "$LOCK"
 log "installing genlip_mcore (editable, --no-deps)"
-pip_quiet install --quiet --no-deps --no-build-isolation -e .
-pip_quiet check
+# (setuptools' banner about editable installs is advice for package authors, not for this install)
+PYTHONWARNINGS="ignore:Editable installation" pip_quiet install --quiet --no-deps --no-build-isolation -e .
+if ! problems=$("$VENV/bin/python" -m pip check 2>&1); then
+    echo "$problems" >&2
+    log "pip check found broken requirements in the lock"
+    exit 1
+fi
 oldest=$("$VENV/bin/python" scripts/lockdiff.py "$LOCK" "$OLDEST_LOCK")
 log "oldest supported transformers into $VENV/hf-oldest: $(echo $oldest)"
 # shellcheck disable=SC2086

@@ -12,6 +12,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _reset_cli_logging():
+    """Tests that call an entry point's main() in-process leave its console handlers behind; remove them, or the
+    next test's captured stdout receives log lines."""
+    yield
+    from genlip_mcore import logs
+
+    logs.reset()
+
+
 @pytest.fixture(scope="session")
 def mcore_world():
     """A single-rank process group with the CPU backend active (or NCCL on a GPU machine)."""
