@@ -28,16 +28,22 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        init_method = None                                          # env://
         if "MASTER_PORT" not in os.environ:
-            # One process on its own: any free port, so concurrent single-process jobs never collide.
-            os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+            if os.environ["WORLD_SIZE"] == "1":
+                # One process on its own: any free port, so concurrent single-process jobs never collide. Not
+                # exported: this process keeps listening on it, and a child that inherited it would fail to bind.
+                init_method = f"tcp://{os.environ['MASTER_ADDR']}:{_free_port()}"
+            else:
+                os.environ["MASTER_PORT"] = "29500"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         else:
             cpu_backend.activate()
             backend = "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend, init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({} if init_method is None else {"rank": 0, "world_size": 1}))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,6 +1,5 @@
 """Shared fixtures. Unit tests that build Megatron modules run in a one-process gloo world (TP=PP=1)."""
 
-import os
 import socket
 
 import pytest
@@ -24,8 +23,8 @@ def _reset_cli_logging():
 
 @pytest.fixture(scope="session")
 def mcore_world():
-    """A single-rank process group with the CPU backend active (or NCCL on a GPU machine)."""
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    """A single-rank process group with the CPU backend active (or NCCL on a GPU machine), on a free port that is
+    not exported: subprocesses of later tests must not inherit a port this process listens on."""
     from genlip_mcore.parallel import init_distributed
 
     init_distributed()
