@@ -19,7 +19,9 @@ def test_quickstart_script_runs_through_and_the_hf_export_captions_identically(t
                     "FutureWarning", "Loading weights"):
         assert chatter not in console, chatter             # third-party chatter stays in the log file
     log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
-    assert "DEBUG megatron.core.distributed.param_and_grad_buffer: Params for bucket" in log
+    # one record: "Number of buckets ...", then the "Params for bucket" listing on the lines after it
+    assert "DEBUG megatron.core.distributed.param_and_grad_buffer: Number of buckets" in log
+    assert "\nParams for bucket 1 (" in log
     assert len(re.findall(r"iteration +\d+/ *6 \|", proc.stdout)) == 3
     m = re.search(r"exact match: ([\d.]+)% of (\d+) held-out images", proc.stdout)
     assert m and int(m.group(2)) == 20                      # 5% of 400
