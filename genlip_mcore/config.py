@@ -65,6 +65,10 @@ class ModelConfig:
     recompute_method: Optional[str] = None       # "uniform" | "block" with granularity "full"
     recompute_num_layers: Optional[int] = None
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    # torch.compile the per-layer elementwise chain (bias + LayerScale + DropPath + residual: four passes over the
+    # [T, D] stream become one fused kernel). Off by default: compiling costs start-up time, and in bf16 the fused
+    # kernel rounds once instead of after each op, so losses differ from eager in the last bits.
+    compile: bool = False
 
     @property
     def head_dim(self) -> int:

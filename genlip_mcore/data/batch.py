@@ -35,7 +35,8 @@ class Batch:
         return int(self.tokens.numel())
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)
+        pin = non_blocking and torch.device(device).type == "cuda"    # pageable sources make the copy blocking
+        move = lambda t: (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=non_blocking)
         return replace(self, tokens=move(self.tokens), patches=move(self.patches),
                        position_ids=move(self.position_ids), targets=move(self.targets))
 

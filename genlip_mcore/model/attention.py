@@ -19,6 +19,7 @@ Backends, all exact and none materialising a T x T mask:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +55,14 @@ class GenLIPPackedSeqParams(PackedSeqParams):
     lm_idx: Optional[Tensor] = None       # [N_lm] long: positions whose target is a label
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device without blocking the host: from pinned memory to CUDA (a pageable source makes the copy
+    synchronous); a no-op copy elsewhere."""
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def build_packed_params(img_lens: list[int], txt_lens: list[int], *, device=None, seed: int = 0,
                         targets: Optional[Tensor] = None) -> GenLIPPackedSeqParams:
     """Everything the kernels need, computed once per micro-batch on the host from Python lengths."""
@@ -80,9 +89,9 @@ def build_packed_params(img_lens: list[int], txt_lens: list[int], *, device=None
         return F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
 
     lm_idx = None
-    if targets is not None:
-        lm_idx = torch.nonzero(targets.cpu() != -100).flatten()
-    to = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+    if targets is not None:                   # the batch's targets are still on the host here (no sync)
+        lm_idx = torch.nonzero((targets if targets.device.type == "cpu" else targets.cpu()) != -100).flatten()
+    to = functools.partial(_to_device, device=torch.device(device)) if device is not None else (lambda t: t)
     return GenLIPPackedSeqParams(
         qkv_format="sbhd",
         img_lens=list(img_lens), txt_lens=list(txt_lens), total_len=total,
@@ -121,7 +130,7 @@ def _local_groups(p: GenLIPPackedSeqParams, device):
     groups, order = [], []
     for n, members in by_len.items():
         mask = torch.stack([sample_mask(p.img_lens[s], n) for s in members])[:, None]
-        groups.append((len(members), n, mask.to(device)))
+        groups.append((len(members), n, _to_device(mask, torch.device(device))))
         order += [torch.arange(starts[s], starts[s] + n) for s in members]
     order = torch.cat(order)
     inv = None
@@ -130,7 +139,7 @@ def _local_groups(p: GenLIPPackedSeqParams, device):
     else:
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel())
-        order, inv = order.to(device), inv.to(device)
+        order, inv = _to_device(order, torch.device(device)), _to_device(inv, torch.device(device))
     p._local_groups = (groups, order, inv)
     return p._local_groups
 

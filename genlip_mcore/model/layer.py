@@ -14,6 +14,9 @@ overlapped gradient reduction sees the same hooks every step.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
@@ -45,6 +48,25 @@ class SPLayerNorm(torch.nn.LayerNorm):
             p.sequence_parallel = bool(config.sequence_parallel)
 
 
+def residual_add(x: Tensor, bias: Optional[Tensor], gamma: Tensor, scale: Optional[Tensor],
+                 residual: Tensor) -> Tensor:
+    """residual + DropPath(LayerScale(x + bias)): the end of each branch of a layer (spec §2.4). scale [T_l, 1, 1]
+    is the per-sample keep / (1 - p) factor, or None (eval, or no drop path)."""
+    if bias is not None:
+        x = x + bias
+    x = x * gamma
+    if scale is not None:
+        x = x * scale.to(x.dtype)
+    return residual + x
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_residual_add():
+    """`residual_add` through torch.compile (model.compile): one fused kernel instead of four elementwise passes.
+    Built on first use; dynamic shapes, since the SP shard and the drop-path branch vary."""
+    return torch.compile(residual_add, dynamic=True)
+
+
 class GenLIPTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
                  vp_stage=None):
@@ -72,18 +94,13 @@ class GenLIPTransformerLayer(TransformerLayer):
 
     def _residual_fn(self, branch: int):
         gamma = self.ls_attn if branch == 0 else self.ls_mlp
+        add = compiled_residual_add() if getattr(self.config, "genlip_compile", False) else residual_add
 
-        def residual_add(x_with_bias, residual: Tensor, prob: float) -> Tensor:
+        def bda(x_with_bias, residual: Tensor, prob: float) -> Tensor:
             x, bias = x_with_bias                                   # [T_l, 1, D], [D] or None
-            if bias is not None:
-                x = x + bias
-            x = x * gamma
-            scale = self._drop_path_scale(branch, x.shape[0])
-            if scale is not None:
-                x = x * scale.to(x.dtype)
-            return residual + x
+            return add(x, bias, gamma, self._drop_path_scale(branch, x.shape[0]), residual)
 
-        return residual_add
+        return bda
 
     def _drop_path_scale(self, branch: int, local_tokens: int):
         p = self._packed

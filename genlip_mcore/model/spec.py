@@ -37,6 +37,7 @@ class GenLIPTransformerConfig(TransformerConfig):
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
     genlip_attention_backend: str = "auto"
+    genlip_compile: bool = False          # model.compile: torch.compile the layers' residual chain (layer.py)
 
 
 def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = None) -> GenLIPTransformerConfig:
@@ -75,7 +76,7 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
         batch_p2p_comm=batch_p2p, variable_seq_lengths=False, calculate_per_token_loss=True,
         transformer_impl="transformer_engine" if te else "local",
         layer_scale_init=m.layer_scale_init, drop_path_rate=m.drop_path_rate,
-        genlip_attention_backend=m.attention_backend,
+        genlip_attention_backend=m.attention_backend, genlip_compile=m.compile,
         cuda_graph_scope=[],        # megatron-core's default "full" is deprecated in its favour (and warns)
         **kw,
     )
