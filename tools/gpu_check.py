@@ -80,30 +80,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def profiled_step(step, optimizer, on_cuda: bool) -> tuple[dict, object]:
-    """One step under torch.profiler, in the ranges that profile.py reads: the step, and optimizer.step in it."""
+def profiled_step(step, on_cuda: bool) -> tuple[dict, object]:
+    """One step under torch.profiler, in the ranges that profile.py reads: the step, and the update in it (opened
+    by train_step itself)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from genlip_mcore.gpucheck.profile import OPTIMIZER_RANGE, STEP_RANGE, breakdown
+    from genlip_mcore.gpucheck.profile import STEP_RANGE, breakdown
 
-    inner = optimizer.step
-
-    def ranged(*args, **kwargs):
-        with record_function(OPTIMIZER_RANGE):
-            return inner(*args, **kwargs)
-
-    optimizer.step = ranged
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     _sync()
-    try:
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            with record_function(STEP_RANGE):
-                result = step()
-            _sync()
-            ms = 1e3 * (time.perf_counter() - t0)
-    finally:
-        optimizer.step = inner
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        with record_function(STEP_RANGE):
+            result = step()
+        _sync()
+        ms = 1e3 * (time.perf_counter() - t0)
     return breakdown(prof, ms, on_cuda), result
 
 
@@ -134,7 +125,7 @@ def measure(chunks, optimizer, scheduler, batch, cfg, sizes: dict, peak_tflops) 
         _sync()
         times.append(1e3 * (time.perf_counter() - t0))
     peak_gib = memory_gib()            # CUDA: peak allocated over the timed steps; CPU: the process RSS now
-    prof, last = profiled_step(step, optimizer, on_cuda)
+    prof, last = profiled_step(step, on_cuda)
     results.append(last)
     ms = statistics.median(times)
     n_lm = int((batch.targets != IGNORE_INDEX).sum())

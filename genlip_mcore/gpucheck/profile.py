@@ -2,7 +2,7 @@
 
 Every profiled op is charged to one category by its own name and the names of the ops that enclose it (its CPU
 call chain, the autograd backward nodes included), first match wins:
-- optimizer: anything inside the `OPTIMIZER_RANGE` record_function that the caller wraps around optimizer.step;
+- optimizer: anything inside the `OPTIMIZER_RANGE` record_function that train_step opens around the update;
 - attention: the SDPA family (flash, memory-efficient, cuDNN, math), flex attention and its block mask, and
   torch.compile regions. The only compiled code on this path is flex attention (Megatron's fusions are off in our
   TransformerConfig), so a compiled region is attention;
@@ -19,7 +19,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-OPTIMIZER_RANGE = "gpu_check: optimizer.step"
+# the range train/step.py opens around the update (the package may not import train; test_step_overhead.py
+# checks that the two strings agree)
+OPTIMIZER_RANGE = "genlip: optimizer"
 ATTENTION = re.compile(r"scaled_dot_product|flash|efficient_attention|cudnn_attention|fmha|flex_attention|"
                        r"FlexAttention|create_block_mask|CompiledFunction|Torch-Compiled Region|CompiledFxGraph")
 GEMM = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm|_addmm_activation)$|^(Mm|Addmm|Bmm)Backward")

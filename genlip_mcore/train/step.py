@@ -17,9 +17,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.profiler import record_function
 
 from genlip_mcore.data.batch import Batch
 from genlip_mcore.model.attention import build_packed_params
+
+# The profiler range around the update (finiteness decision, grad norm, clipping, optimizer, schedule); the GPU
+# check's profile (genlip_mcore/gpucheck/profile.py) attributes everything inside it to the optimizer.
+OPTIMIZER_RANGE = "genlip: optimizer"
 
 
 @dataclass
@@ -80,21 +85,22 @@ def train_step(chunks: list, optimizer, scheduler, data_iterator, *, num_microba
     loss, count = _global_loss(reduced, legacy=_legacy)
     lr = optimizer.param_groups[0]["lr"]
     skipped = StepResult(loss=loss, num_tokens=count, grad_norm=float("nan"), lr=lr, update_successful=False)
-    split = not _legacy and _splittable(optimizer)
-    if not math.isfinite(loss) or (not split and not _grads_finite(chunks)):
-        # bf16 has no loss scaler to catch this: skip the update so the weights, optimizer moments and schedule
-        # stay exactly as they were; the caller counts it and stops after several in a row.
-        optimizer.zero_grad()
-        return skipped
-    if not split:
-        update_successful, grad_norm, _ = optimizer.step()
-    else:
-        update_successful, grad_norm = _optimizer_step(optimizer, chunks)
-        if update_successful is None:                     # non-finite gradient: nothing was changed
+    with record_function(OPTIMIZER_RANGE):
+        split = not _legacy and _splittable(optimizer)
+        if not math.isfinite(loss) or (not split and not _grads_finite(chunks)):
+            # bf16 has no loss scaler to catch this: skip the update so the weights, optimizer moments and schedule
+            # stay exactly as they were; the caller counts it and stops after several in a row.
             optimizer.zero_grad()
             return skipped
-    if update_successful:
-        scheduler.step(increment=1)
+        if not split:
+            update_successful, grad_norm, _ = optimizer.step()
+        else:
+            update_successful, grad_norm = _optimizer_step(optimizer, chunks)
+            if update_successful is None:                     # non-finite gradient: nothing was changed
+                optimizer.zero_grad()
+                return skipped
+        if update_successful:
+            scheduler.step(increment=1)
     return StepResult(loss=loss, num_tokens=count, grad_norm=float(grad_norm or 0.0), lr=lr,
                       update_successful=bool(update_successful))
 

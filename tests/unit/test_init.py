@@ -77,11 +77,13 @@ def test_compiled_residual_chain_trains_like_eager(tp1):
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(disable=False):
+        # (Megatron's own torch.compile'd helpers may compile here too: both runs see them alike)
         eager_loss, eager_grads = run(False)
-        assert compiled_residual_add.cache_info().currsize == 0 and not counters["frames"]["ok"]
+        assert compiled_residual_add.cache_info().currsize == 0
+        frames = counters["frames"]["ok"]
         loss, grads = run(True)
     assert compiled_residual_add.cache_info().currsize == 1
-    assert counters["frames"]["ok"] >= 1 and counters["stats"]["unique_graphs"] >= 1      # it really compiled
+    assert counters["frames"]["ok"] > frames                              # the residual chain really compiled
     compiled_residual_add.cache_clear()
     torch._dynamo.reset()
     assert abs(loss - eager_loss) <= 1e-6 * abs(eager_loss)

@@ -85,3 +85,11 @@ def test_an_overflowing_norm_of_finite_gradients_steps_as_before(mcore_world, tm
         states.append(({k: v.clone() for k, v in chunks[0].state_dict().items() if torch.is_tensor(v)}, r))
     (a, ra), (b, rb) = states
     assert ra == rb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_gpu_check_profiles_the_range_that_train_step_opens():
+    """profile.py cannot import train (the import rule), so it names the range by its string: the same one."""
+    from genlip_mcore.gpucheck import profile
+    from genlip_mcore.train import step
+
+    assert profile.OPTIMIZER_RANGE == step.OPTIMIZER_RANGE
