@@ -44,14 +44,30 @@ OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors, ints, floats and tuples only, so it loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
+def _read_rng(path: Path) -> dict:
+    """An RNG state file, unpickled with weights_only=True: nothing in a checkpoint can run code. Files of older
+    checkpoints hold the numpy state as an ndarray; they load too, because megatron-core registers numpy's
+    plain-array reconstruction as a safe global (megatron/core/safe_globals.py), and nothing more."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:      # noqa: BLE001 - any unreadable or unsafe file gets the same one-line error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"{path}: not a loadable RNG state file ({first}); refusing to load it") from None
+
+
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
@@ -121,7 +137,7 @@ def load_checkpoint(path: str, chunks: list, optimizer, scheduler, cfg: Config) 
     same = meta["layout"] == layout()
     rng_file = directory / "rng" / f"rank{dist.get_rank():05d}.pt"
     if same and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_read_rng(rng_file))
     data = meta["data"]
     dp_rank = parallel_state.get_data_parallel_rank()
     exact = len(data["ranks"]) == layout()["dp"] and data["num_workers"] == cfg.data.num_workers
