@@ -135,6 +135,10 @@ class DataConfig:
     num_workers: int = 2              # loader processes per rank; each reads its own shards
     max_skip_fraction: float = 0.5    # stop the run when more than this fraction of a window of samples is bad
     skip_window: int = 2000
+    # Brace patterns whose members are partly missing fail preflight; true: warn with the count and go on.
+    allow_missing_shards: bool = False
+    # Held-out webdataset shards for the validation loss (training.eval_interval, training.eval_iters).
+    valid_sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -166,6 +170,17 @@ class TrainingConfig:
     load_dir: Optional[str] = None    # resume everything (model, optimizer, schedule, data position, RNG)
     init_from: Optional[str] = None   # load model weights only (stage 2 from a stage-1 checkpoint)
     exit_interval: Optional[int] = None   # save and exit when iteration % exit_interval == 0 (Megatron's meaning)
+    # Save and exit once this many minutes of wall clock have passed since start-up (Megatron's meaning): set it
+    # below the slurm --time, leaving room for one step and one save.
+    exit_duration_mins: Optional[float] = None
+    # A stop signal (SIGTERM, SIGINT, SIGUSR1) saves at the next step boundary; a stop that takes longer than this
+    # (or a second signal) exits without saving, leaving the previous checkpoint intact.
+    stop_grace_secs: float = 600.0
+    # Resume with the schedule of this config (train_iters, LR, warmup, decay) instead of failing when it differs
+    # from the checkpoint's (Megatron's override_opt_param_scheduler).
+    override_opt_param_scheduler: bool = False
+    eval_interval: int = 0            # iterations between validation passes over data.valid_sources; 0: end only
+    eval_iters: int = 10              # validation batches (global, forward only) per pass
     max_nonfinite_steps: int = 3      # consecutive non-finite steps (skipped) before the run stops
     log_interval: int = 1
 

@@ -122,6 +122,9 @@ def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[
     data = data_override or build_data(cfg, dp_rank, dp, start, data_state)
     measured = MeasuredData(data, cfg.model)
     shape = step_shape(cfg, dp)
+    # --- validation setup (owned by train/evaluate.py) ---
+    evaluator = None
+    # --- end validation setup ---
     results: list[StepResult] = []
     in_a_row = skipped_steps = 0
     last_log, since_log = time.perf_counter(), 0
@@ -149,6 +152,8 @@ def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[
                                         data_state=_data_state(data),
                                         tokenizer=cfg.data.tokenizer_path if cfg.data.sources else None)
                 last_log = time.perf_counter()                   # saving time is not training throughput
+            # --- validation hook (owned by train/evaluate.py) ---
+            # --- end validation hook ---
             if exiting:
                 log.info(f"exit_interval: stopping after iteration {it}")
                 break
