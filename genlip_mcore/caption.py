@@ -5,10 +5,13 @@
 
 Prints one line per image, `path<TAB>caption`, in the order given (whitespace runs inside a caption, newlines
 included, become one space). An image that cannot be read is reported on stderr and the exit status is 1; the
-others are still captioned.
+others are still captioned. With --shards, a sample whose image or caption cannot be read is left out of the
+exact-match rate and counted by reason (on stderr and in the summary line).
 
 Everything runs through the HF model (`hf/modeling_genlip.py`) in fp32: a checkpoint is first turned into HF-layout
-tensors by `ckpt.load_for_inference`, so both sources give the same numbers. Images are preprocessed exactly as in
+tensors by `inference.load_for_inference`, so both sources give the same numbers. An export is checked before it
+is used: tensors missing, unexpected, of the wrong shape or holding NaN/Inf, or a layer count other than
+config.json's, end the command with one line naming the file and the tensors. Images are preprocessed exactly as in
 training (`data.images`: stage 1 a fixed square, stage 2 native resolution) and the prompt is laid out as in
 training (`data.sample`: [image][prompt ids], the prompt stripped and tokenized on its own).
 """
@@ -18,17 +21,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from genlip_mcore import logs
 from genlip_mcore.data.errors import SkipSample
 from genlip_mcore.data.images import ImageConfig, decode_pil
-from genlip_mcore.data.tokenizer import Tokenizer, load_tokenizer
+from genlip_mcore.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_kind
 from genlip_mcore.hf.configuration_genlip import DEFAULT_PROMPT
-from genlip_mcore.hf.export import hf_config
+from genlip_mcore.hf.export import check_hf_weights, hf_config, load_hf_config
 from genlip_mcore.hf.modeling_genlip import GenLIPModel
 
 log = logging.getLogger(__name__)
@@ -37,25 +42,13 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------------------------
-def tokenizer_kind(path: str | Path) -> str:
-    """'sentencepiece' or 'hf', from the files: tokenizer.model / *.model vs tokenizer.json / *.json."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "tokenizer.model").is_file():
-            return "sentencepiece"
-        if (p / "tokenizer.json").is_file():
-            return "hf"
-        raise FileNotFoundError(f"{p} holds neither tokenizer.model nor tokenizer.json")
-    return "hf" if p.suffix == ".json" else "sentencepiece"
-
-
 def _image_config(stage, image_size, patch_size, min_pixels, max_pixels, **limits) -> ImageConfig:
     return ImageConfig(stage=int(stage), image_size=image_size, patch_size=patch_size, min_pixels=min_pixels,
                        max_pixels=max_pixels, **limits)
 
 
 def _from_checkpoint(path, tokenizer, stage):
-    from genlip_mcore.ckpt import load_for_inference
+    from genlip_mcore.inference import load_for_inference
 
     cfg, state, tok_copy = load_for_inference(path)
     config = hf_config(cfg)
@@ -74,6 +67,7 @@ def _from_checkpoint(path, tokenizer, stage):
 
 
 def _from_hf(path, tokenizer, stage):
+    check_hf_weights(path, load_hf_config(path))   # from_pretrained would fill gaps randomly and keep NaN
     # no dtype keyword: transformers < 4.56 calls it torch_dtype, >= 5 deprecates that; load_captioner casts to fp32
     model = GenLIPModel.from_pretrained(path)
     c = model.config
@@ -136,29 +130,46 @@ def iter_captions(model: GenLIPModel, tokenizer: Tokenizer, image_cfg: ImageConf
                 yield p, tokenizer.decode(captions[p]), None
 
 
-def caption_shards(model, tokenizer, image_cfg, pattern: str, prompt: str, max_new_tokens: int, batch_size: int,
-                   limit: Optional[int] = None) -> list[dict]:
-    """Greedy captions of the images in webdataset shards, next to each sample's own caption (held-out evaluation).
-    Returns [{"key", "caption", "truth"}] in shard order; samples whose image or caption cannot be read are left out."""
-    from collections import Counter
-
-    from genlip_mcore.config import expand_shards
+def _held_out_samples(pattern: str, image_cfg: ImageConfig, skipped: Counter) -> Iterator[tuple[str, Tensor, str]]:
+    """(key, image, truth) of every readable sample; the others are counted in `skipped` by reason (data.errors)."""
     from genlip_mcore.data.loader import IMAGE_EXTS
     from genlip_mcore.data.sample import parse_record
     from genlip_mcore.data.shards import index_shard, read_sample
+    from genlip_mcore.data.sources import expand_shards
 
-    items = []
-    for shard in expand_shards(pattern):
-        for ref in index_shard(shard, Counter()):
-            data = read_sample(ref)
-            image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+    shards = expand_shards(pattern)
+    if not shards:
+        raise FileNotFoundError(f"--shards {pattern}: no shard file matches")
+    for shard in shards:
+        for ref in index_shard(shard, skipped):
             try:
-                truth = " ".join(t for role, t in parse_record(data, stage=2) if role == "assistant")
-                items.append((ref.key, decode_pil(image, image_cfg), truth))
-            except (SkipSample, TypeError):
-                continue
-            if limit and len(items) >= limit:
+                data = read_sample(ref)
+            except OSError:
+                skipped["unreadable_shard"] += 1
                 break
+            try:
+                image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+                if image is None:
+                    raise SkipSample("missing_image", ref.key)
+                truth = " ".join(t for role, t in parse_record(data, stage=2) if role == "assistant")
+                yield ref.key, decode_pil(image, image_cfg), truth
+            except SkipSample as e:
+                skipped[e.reason] += 1
+            except OSError:
+                skipped["undecodable_image"] += 1
+
+
+def caption_shards(model, tokenizer, image_cfg, pattern: str, prompt: str, max_new_tokens: int, batch_size: int,
+                   limit: Optional[int] = None, skipped: Optional[Counter] = None) -> list[dict]:
+    """Greedy captions of the images in webdataset shards, next to each sample's own caption (held-out evaluation).
+    Returns [{"key", "caption", "truth"}] in shard order. Samples whose image or caption cannot be read are not
+    captioned: each is counted in `skipped` by reason, so a score can say what it leaves out."""
+    skipped = Counter() if skipped is None else skipped
+    items = []
+    for item in _held_out_samples(pattern, image_cfg, skipped):
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
     ids, out = prompt_ids(tokenizer, prompt), []
     for start in range(0, len(items), max(1, batch_size)):
         chunk = items[start:start + max(1, batch_size)]
@@ -167,6 +178,12 @@ def caption_shards(model, tokenizer, image_cfg, pattern: str, prompt: str, max_n
         out += [{"key": k, "caption": tokenizer.decode(g).strip(), "truth": t.strip()}
                 for (k, _, t), g in zip(chunk, gen, strict=True)]
     return out
+
+
+def skip_summary(skipped: Counter) -> str:
+    """"3 dropped: missing_image 1, malformed_json 2", or "" when nothing was dropped."""
+    n = sum(skipped.values())
+    return f"{n} dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()) if v) if n else ""
 
 
 def exact_match(rows: list[dict]) -> float:
@@ -234,15 +251,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()        # transformers 5 draws a bar for loading a few MB of weights
-    model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
-                                                   device=args.device)
+    from genlip_mcore.ckpt import CheckpointError
+    from genlip_mcore.config import ConfigError
+
+    try:
+        model, tok, image_cfg, prompt = load_captioner(args.checkpoint, args.hf, args.tokenizer, stage=args.stage,
+                                                       device=args.device)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"genlip-caption: {e}", file=sys.stderr)
+        return 2
     prompt = prompt if args.prompt is None else args.prompt
     if args.shards:
-        rows = caption_shards(model, tok, image_cfg, args.shards, prompt, args.max_new_tokens, args.batch_size,
-                              args.limit)
+        skipped: Counter = Counter()
+        try:
+            rows = caption_shards(model, tok, image_cfg, args.shards, prompt, args.max_new_tokens, args.batch_size,
+                                  args.limit, skipped)
+        except FileNotFoundError as e:
+            print(f"genlip-caption: {e}", file=sys.stderr)
+            return 2
         for r in rows:
             print(f"{'ok  ' if r['caption'] == r['truth'] else 'MISS'} {r['key']}\t{r['caption']}\t(true: {r['truth']})")
-        print(f"exact match: {exact_match(rows):.1%} of {len(rows)} held-out images")
+        dropped = skip_summary(skipped)
+        if dropped:
+            print(f"genlip-caption: {args.shards}: {dropped} (not in the exact-match rate)", file=sys.stderr)
+        rate = f"exact match: {exact_match(rows):.1%} of {len(rows)} held-out images"
+        print(f"{rate} ({dropped})" if dropped else rate)
         per = attribute_accuracy(rows)
         if per is not None:
             print("attributes right: " + ", ".join(f"{k} {v:.1%}" for k, v in per.items()))

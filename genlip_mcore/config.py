@@ -38,6 +38,8 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = (None, "e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")   # what train/optim.build_scheduler runs
 
 
 @dataclass
@@ -218,14 +220,7 @@ def model_config(variant: str, **overrides: Any) -> ModelConfig:
 def load(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
          *, world_size: Optional[int] = None) -> Config:
     """YAML file (optional) then `section.key=value` overrides; `model.variant` pulls in that row first."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree: dict[str, Any] = {} if path is None else read_yaml(path)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -242,7 +237,36 @@ def load(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]]
     return cfg
 
 
+def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """The sections of a YAML config file; a missing or unreadable file, bad YAML or a top level that is not a
+    mapping is one ConfigError naming the file."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
 def from_dict(tree: dict[str, Any]) -> Config:
+    if not isinstance(tree.get("model") or {}, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(tree['model']).__name__}")
     model_tree = dict(tree.get("model") or {})
     variant = model_tree.get("variant", "tiny")
     if variant not in VARIANTS:
@@ -251,7 +275,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
     sections = {f.name: f for f in fields(Config)}
     unknown = set(tree) - set(sections)
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; sections are {sorted(sections)}")
+        raise ConfigError(f"{sorted(map(str, unknown))[0]}: unknown section; sections are {sorted(sections)}")
     built = {}
     for name in sections:
         sub = model_tree if name == "model" else (tree.get(name) or {})
@@ -342,8 +366,38 @@ def _check(ok: bool, path: str, msg: str) -> None:
 
 
 def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
-    m, p, pr, d, t, o = cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.training, cfg.optimizer
-    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    """Every field's range and every cross-field rule; pure (no files, no machine probes beyond which optional
+    packages are installed). Paths, disk space and the tokenizer are checked by `genlip_mcore.preflight`."""
+    _check_finite(cfg)
+    _validate_model(cfg.model)
+    _validate_parallel(cfg)
+    _validate_precision(cfg)
+    _validate_data(cfg.data, cfg.model)
+    mult = seq_len_multiple(cfg)
+    _check(cfg.data.max_seq_len >= 1 and cfg.data.max_seq_len % mult == 0, "data.max_seq_len",
+           f"{cfg.data.max_seq_len} must be a positive multiple of {mult} (TP/SP, FP8 and data.pad_to_multiple_of)")
+    _validate_training(cfg, world_size)
+    _validate_optimizer(cfg.optimizer)
+    lg = cfg.logging
+    _check(lg.wandb_mode in ("disabled", "offline", "online"), "logging.wandb_mode",
+           "'disabled', 'offline' or 'online'")
+    _check(lg.peak_tflops is None or lg.peak_tflops > 0, "logging.peak_tflops",
+           f"must be > 0 or null (from the device name), got {lg.peak_tflops}")
+    return cfg
+
+
+def _check_finite(cfg: Config) -> None:
+    """NaN or infinity in any number field (`optimizer.lr=.inf` parses) passes every range check below."""
+    for section in fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in fields(sub):
+            value = getattr(sub, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float):
+                    _check(math.isfinite(v), f"{section.name}.{f.name}", f"must be a finite number, got {v}")
+
+
+def _validate_model(m: ModelConfig) -> None:
     _check(m.variant in VARIANTS, "model.variant", f"unknown variant {m.variant!r}")
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "text_embed_dim",
                  "vocab_size", "patch_size", "num_channels"):
@@ -351,9 +405,12 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
     _check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
            f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     _check(m.head_dim % 2 == 0, "model.hidden_size", f"head_dim {m.head_dim} must be even for rotary embeddings")
-    _check(len(m.mrope_section) == 3, "model.mrope_section", "needs three entries (T, H, W)")
+    _check(len(m.mrope_section) == 3 and min(m.mrope_section) >= 0, "model.mrope_section",
+           "needs three entries (T, H, W), each >= 0")
     _check(3 * max(m.mrope_section[1], m.mrope_section[2]) <= m.head_dim // 2, "model.mrope_section",
            f"H/W sections {m.mrope_section[1:]} reach past the {m.head_dim // 2} rotary frequencies")
+    for name in ("rope_theta", "layernorm_epsilon", "init_std"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     _check(m.transformer_impl in TRANSFORMER_IMPLS, "model.transformer_impl", f"choose one of {TRANSFORMER_IMPLS}")
     _check(m.attention_backend in ATTENTION_BACKENDS, "model.attention_backend",
@@ -369,7 +426,10 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
         _check(te_available(), "model.transformer_impl",
                "Transformer Engine is not installed (pip install .[gpu] on a CUDA machine), or use 'local'")
 
-    # Parallel layout.
+
+def _validate_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
     _check(p.context_parallel_size == 1, "parallel.context_parallel_size",
@@ -390,21 +450,80 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
     _check(not p.overlap_param_gather or p.use_distributed_optimizer, "parallel.overlap_param_gather",
            "needs parallel.use_distributed_optimizer")
 
-    # Precision.
+
+def _validate_precision(cfg: Config) -> None:
+    pr = cfg.precision
     _check(pr.fp8 in FP8_FORMATS, "precision.fp8", f"choose one of {FP8_FORMATS}")
     if pr.fp8 is not None:
         _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"choose one of {FP8_RECIPES}")
-        _check(m.transformer_impl == "transformer_engine", "precision.fp8",
+        _check(cfg.model.transformer_impl == "transformer_engine", "precision.fp8",
                "FP8 needs model.transformer_impl=transformer_engine")
         _check(te_available(), "precision.fp8", "FP8 needs Transformer Engine, which is not installed")
         _check(pr.bf16, "precision.bf16", "FP8 training runs inside bf16; set precision.bf16=true")
+        _check(pr.fp8_amax_history_len >= 1, "precision.fp8_amax_history_len", "must be >= 1")
+        _check(pr.fp8_amax_compute_algo in FP8_AMAX_ALGOS, "precision.fp8_amax_compute_algo",
+               f"choose one of {FP8_AMAX_ALGOS}")
     _check(not pr.fp8_param or pr.fp8 is not None, "precision.fp8_param", "needs precision.fp8")
 
-    # Data and batch.
-    mult = seq_len_multiple(cfg)
-    _check(d.max_seq_len >= 1 and d.max_seq_len % mult == 0, "data.max_seq_len",
-           f"{d.max_seq_len} must be a positive multiple of {mult} (TP/SP, FP8 and data.pad_to_multiple_of)")
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    _check(d.stage in (1, 2), "data.stage", "must be 1 (fixed 224) or 2 (native resolution)")
+    _check(d.decoder in ("pil", "dali"), "data.decoder", "'pil' or 'dali'")
+    _check(d.dali_device in ("cpu", "mixed"), "data.dali_device", "'cpu' or 'mixed'")
+    if d.decoder == "dali":
+        _check(not d.jpeg_draft, "data.jpeg_draft", "a Pillow option; DALI decodes at full size (set it false)")
+        _check(_has_module("nvidia.dali"), "data.decoder",
+               "DALI is not installed (pip install nvidia-dali-cuda120), use 'pil'")
+    _check(d.tokenizer_kind in ("sentencepiece", "hf"), "data.tokenizer_kind", "'sentencepiece' or 'hf'")
+    _check(d.end_text is None or d.end_text != "", "data.end_text",
+           "an empty end text leaves samples without a labelled end; use null for the tokenizer's default")
+    p = m.patch_size
+    _check(d.image_size >= p and d.image_size % p == 0, "data.image_size",
+           f"{d.image_size} must be a positive multiple of model.patch_size={p}")
+    _check(d.min_pixels >= 1, "data.min_pixels", "must be >= 1")
+    _check(d.max_pixels >= max(d.min_pixels, p * p), "data.max_pixels",
+           f"{d.max_pixels} must be >= data.min_pixels={d.min_pixels} and >= one patch ({p * p} pixels)")
+    _check(d.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
+    _check(d.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", "must be >= 1")
+    for name in ("max_caption_tokens", "max_sample_len"):
+        v = getattr(d, name)
+        _check(v is None or v >= 1, f"data.{name}", f"must be >= 1 or null, got {v}")
+    _check(d.max_sample_len is None or d.max_sample_len <= d.max_seq_len, "data.max_sample_len",
+           f"{d.max_sample_len} is longer than a packed row (data.max_seq_len={d.max_seq_len})")
+    _check(d.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
+    _check(d.pack_buffer >= 1, "data.pack_buffer", "must be >= 1")
+    _check(d.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(0.0 < d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in (0, 1]")
+    _check(d.skip_window >= 1, "data.skip_window", "must be >= 1 (it is the window the skip fraction is taken over)")
+    _check(not d.source_weights or len(d.source_weights) == len(d.sources), "data.source_weights",
+           f"{len(d.source_weights)} weights for {len(d.sources)} sources")
+    _check(all(w > 0 for w in d.source_weights), "data.source_weights", "weights must be > 0")
+    _check(not d.valid_sources or bool(d.sources), "data.valid_sources",
+           "needs data.sources (generated data has no held-out shards)")
+    for name in ("sources", "valid_sources"):
+        for i, pattern in enumerate(getattr(d, name)):
+            _check(bool(pattern.strip()), f"data.{name}[{i}]", "empty pattern")
+    if d.sources or d.valid_sources:
+        _check(bool(d.tokenizer_path), "data.tokenizer_path",
+               "not set; shards need a tokenizer (train one with `genlip-data train-tokenizer`)")
+        # The smallest image of the stage, plus one end token, must fit a row (and a sample), else every
+        # sample is skipped as too long.
+        patches = (d.image_size // p) ** 2 if d.stage == 1 else -(-d.min_pixels // (p * p))
+        limit, name = d.max_seq_len, "data.max_seq_len"
+        if d.max_sample_len is not None and d.max_sample_len < limit:
+            limit, name = d.max_sample_len, "data.max_sample_len"
+        _check(patches + 1 <= limit, name,
+               f"{limit} tokens cannot hold the {patches} image tokens of the smallest stage-{d.stage} image "
+               f"plus its end token")
+
+
+def _validate_training(cfg: Config, world_size: Optional[int]) -> None:
+    t, p = cfg.training, cfg.parallel
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+    _check(t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0, "training.global_batch_size",
+           f"{t.global_batch_size} must be a positive multiple of training.micro_batch_size={t.micro_batch_size}")
     if world_size is not None:
         model_par = tp * pp * p.context_parallel_size
         _check(world_size % model_par == 0, "parallel.tensor_model_parallel_size",
@@ -416,59 +535,36 @@ def validate(cfg: Config, *, world_size: Optional[int] = None) -> Config:
             n_mb = t.global_batch_size // (t.micro_batch_size * dp)
             _check(n_mb % pp == 0, "training.global_batch_size",
                    f"interleaved pipelining needs the {n_mb} micro-batches per step to be a multiple of PP={pp}")
-    _validate_data(d)
     _check(t.train_iters >= 1, "training.train_iters", "must be >= 1")
-    _check(t.save_interval >= 0 and t.keep_last >= 1, "training.save_interval",
-           "save_interval must be >= 0 and keep_last >= 1")
-    _check(t.max_nonfinite_steps >= 1 and t.log_interval >= 1, "training.max_nonfinite_steps",
-           "max_nonfinite_steps and log_interval must be >= 1")
+    _check(0 <= t.seed < 2**31, "training.seed", "must be in [0, 2**31)")
+    _check(bool(t.run_dir), "training.run_dir", "must be set")
+    _check(t.save_interval >= 0, "training.save_interval", "must be >= 0 (0: only at the end)")
+    _check(t.keep_last >= 1, "training.keep_last", "must be >= 1")
+    _check(t.exit_interval is None or t.exit_interval >= 1, "training.exit_interval",
+           f"must be >= 1 or null, got {t.exit_interval}")
+    _check(t.exit_duration_mins is None or t.exit_duration_mins > 0, "training.exit_duration_mins",
+           f"must be > 0 or null, got {t.exit_duration_mins}")
+    _check(t.stop_grace_secs > 0, "training.stop_grace_secs", f"must be > 0, got {t.stop_grace_secs}")
+    _check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0: only at the end)")
+    _check(t.eval_iters >= 1, "training.eval_iters", "must be >= 1")
+    _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1")
+    _check(t.log_interval >= 1, "training.log_interval", "must be >= 1")
     _check(not (t.load_dir and t.init_from), "training.init_from",
            "set either training.load_dir (resume) or training.init_from (weights only), not both")
-    for name in ("load_dir", "init_from"):
-        path = getattr(t, name)
-        _check(path is None or Path(path).is_dir(), f"training.{name}", f"{path!r} is not a directory")
-    _check(cfg.logging.wandb_mode in ("disabled", "offline", "online"), "logging.wandb_mode",
-           "'disabled', 'offline' or 'online'")
+
+
+def _validate_optimizer(o: OptimizerConfig) -> None:
     _check(o.weight_decay_params in ("all", "matrices"), "optimizer.weight_decay_params", "'all' or 'matrices'")
-    _check(o.lr > 0 and o.min_lr >= 0, "optimizer.lr", "lr must be > 0 and min_lr >= 0")
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {o.min_lr}")
     _check(0.0 <= o.lr_warmup_fraction < 1.0, "optimizer.lr_warmup_fraction", "must be in [0, 1)")
-    return cfg
-
-
-def _validate_data(d: DataConfig) -> None:
-    _check(d.stage in (1, 2), "data.stage", "must be 1 (fixed 224) or 2 (native resolution)")
-    _check(d.decoder in ("pil", "dali"), "data.decoder", "'pil' or 'dali'")
-    _check(d.dali_device in ("cpu", "mixed"), "data.dali_device", "'cpu' or 'mixed'")
-    if d.decoder == "dali":
-        _check(not d.jpeg_draft, "data.jpeg_draft", "a Pillow option; DALI decodes at full size (set it false)")
-        _check(_has_module("nvidia.dali"), "data.decoder",
-               "DALI is not installed (pip install nvidia-dali-cuda120), use 'pil'")
-    _check(d.tokenizer_kind in ("sentencepiece", "hf"), "data.tokenizer_kind", "'sentencepiece' or 'hf'")
-    _check(d.image_size % 16 == 0 or d.stage == 2, "data.image_size", "must be a multiple of the patch size")
-    _check(d.pack_buffer >= 1 and d.shuffle_shards >= 1 and d.num_workers >= 0, "data.pack_buffer",
-           "pack_buffer and shuffle_shards must be >= 1, num_workers >= 0")
-    _check(0.0 < d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in (0, 1]")
-    _check(not d.source_weights or len(d.source_weights) == len(d.sources), "data.source_weights",
-           f"{len(d.source_weights)} weights for {len(d.sources)} sources")
-    _check(all(w > 0 for w in d.source_weights), "data.source_weights", "weights must be > 0")
-    for i, pattern in enumerate(d.sources):
-        _check(bool(expand_shards(pattern)), f"data.sources[{i}]", f"{pattern!r} matches no file")
-    if d.sources:
-        _check(bool(d.tokenizer_path) and Path(d.tokenizer_path).exists(), "data.tokenizer_path",
-               f"{d.tokenizer_path!r} does not exist (train one with `genlip-data train-tokenizer`)")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace patterns, then globs; sorted, de-duplicated existing files."""
-    import glob
-
-    from braceexpand import braceexpand
-
-    found: list[str] = []
-    for part in braceexpand(pattern):
-        found += sorted(glob.glob(part, recursive=True)) if any(c in part for c in "*?[") else ([part] if Path(part).is_file()
-                                                                                 else [])
-    return list(dict.fromkeys(found))
+    _check(o.lr_decay_style in LR_DECAY_STYLES, "optimizer.lr_decay_style",
+           f"{o.lr_decay_style!r} is not one of {LR_DECAY_STYLES}")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(0 <= o.adam_beta1 < 1, "optimizer.adam_beta1", "must be in [0, 1)")
+    _check(0 <= o.adam_beta2 < 1, "optimizer.adam_beta2", "must be in [0, 1)")
+    _check(o.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
+    _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0: no clipping)")
 
 
 def seq_len_multiple(cfg: Config) -> int:

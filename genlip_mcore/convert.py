@@ -1,7 +1,7 @@
 """`genlip-convert`: training checkpoints <-> the HuggingFace layout of the released GenLIP models (spec §8).
 
   genlip-convert to-hf   --checkpoint DIR --out DIR [--dtype bf16|fp32] [--tokenizer PATH] [--max-shard-size 5GB]
-  genlip-convert from-hf --hf DIR --out DIR [section.key=value ...]
+  genlip-convert from-hf --hf DIR --out DIR [--overwrite] [section.key=value ...]
   genlip-convert keys --variant g16            (the key/shape list an export writes, from a meta-device model)
   genlip-convert refresh-code DIR [--check]    (replace an export's modeling/configuration code with this version's)
 
@@ -15,6 +15,11 @@ checkpoint in the training layout (`latest`, `iter_0000000/`, genlip.json, token
 stores global tensors with their offsets, so that checkpoint loads into any TP/PP/VPP/DP layout: give the target
 layout as overrides (`parallel.tensor_model_parallel_size=2 ...`); it is validated here and recorded, and stage-2
 training starts from it with `training.init_from=DIR`.
+
+from-hf is strict, because whatever it accepts is trained: every config.json field is mapped, holds the one value
+our model computes, or has no effect (`hf.export.untrainable_fields` names any other), and the tensors must be
+exactly those config.json describes, all finite (`hf.export.check_hf_weights`). It does not take over a save dir
+that already holds checkpoints (`latest`, iter_*) unless --overwrite, and then says what it replaces.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ log = logging.getLogger("genlip_mcore.convert")
 
 def to_hf(checkpoint: str, out: str, *, dtype: str = "bf16", tokenizer: Optional[str] = None,
           max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
-    from genlip_mcore.ckpt import load_for_inference
     from genlip_mcore.hf.export import hf_config, save_hf
+    from genlip_mcore.inference import load_for_inference
 
     cfg, tensors, tok = load_for_inference(checkpoint)
     return save_hf(out, tensors, hf_config(cfg), dtype=dtype, tokenizer=tokenizer or tok,
@@ -40,14 +45,19 @@ def to_hf(checkpoint: str, out: str, *, dtype: str = "bf16", tokenizer: Optional
 
 
 def hf_training_config(hf: str, overrides: Sequence[str] = ()):
-    """The training Config of an HF directory's model (its preprocessing, its tokenizer), plus `overrides`."""
+    """The training Config of an HF directory's model (its preprocessing, its tokenizer), plus `overrides`.
+    Refuses, naming them, the config.json fields our model cannot honour."""
     import yaml
 
     from genlip_mcore import config as C
-    from genlip_mcore.caption import tokenizer_kind
-    from genlip_mcore.hf.export import load_hf_config, training_tree
+    from genlip_mcore.data.tokenizer import tokenizer_kind
+    from genlip_mcore.hf.export import load_hf_config, read_config_json, training_tree, untrainable_fields
 
-    tree = training_tree(load_hf_config(hf))
+    config = load_hf_config(hf)
+    bad = untrainable_fields(read_config_json(hf), config)
+    if bad:
+        raise ValueError(f"{Path(hf) / 'config.json'}: our model cannot honour {'; '.join(bad)}")
+    tree = training_tree(config)
     try:
         tree["data"].update(tokenizer_kind=tokenizer_kind(hf), tokenizer_path=str(Path(hf).resolve()))
     except FileNotFoundError:
@@ -60,19 +70,39 @@ def hf_training_config(hf: str, overrides: Sequence[str] = ()):
         Path(f.name).unlink()
 
 
-def from_hf(hf: str, out: str, overrides: Sequence[str] = ()) -> Path:
-    import copy
+def _checkpoints_in(out: Path) -> list[str]:
+    """What `out` holds of a save dir: `latest` (with its target), iter_* and leftover .tmp_iter_* entries."""
+    from genlip_mcore.ckpt import LATEST
 
-    import torch
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith(("iter_", ".tmp_iter_")))
+    if (out / LATEST).is_file():
+        names.insert(0, f"{LATEST} -> {(out / LATEST).read_text().strip()}")
+    return names
+
+
+def from_hf(hf: str, out: str, overrides: Sequence[str] = (), *, overwrite: bool = False) -> Path:
+    import copy
+    import shutil
 
     from genlip_mcore import config as C
     from genlip_mcore.ckpt import save_weights_checkpoint
-    from genlip_mcore.hf.export import load_hf_tensors
+    from genlip_mcore.hf.export import check_hf_weights, first_few, load_hf_config, load_hf_tensors
     from genlip_mcore.hf.keymap import hf_to_megatron, load_megatron_tp1
     from genlip_mcore.model import build_model_chunks
     from genlip_mcore.parallel import init_distributed, setup_model_parallel
 
+    old = _checkpoints_in(Path(out))
+    if old and not overwrite:
+        raise FileExistsError(f"--out {out} holds checkpoints ({first_few(old)}); pass --overwrite to replace them")
     cfg = hf_training_config(hf, overrides)
+    check_hf_weights(hf, load_hf_config(hf))
+    if old:
+        log.warning(f"--overwrite: replacing {len(old)} entries of {out} ({first_few(old, 6)}) "
+                    "with the converted weights")
     local = copy.deepcopy(cfg)                     # built and saved at TP=PP=1; loads into any layout
     local.parallel, local.precision = C.ParallelConfig(), C.PrecisionConfig()
     local.model.transformer_impl, local.model.attention_backend = "local", "auto"
@@ -83,10 +113,12 @@ def from_hf(hf: str, out: str, overrides: Sequence[str] = ()) -> Path:
     tensors = {k: v.float() for k, v in load_hf_tensors(hf).items()}
     load_megatron_tp1(model, hf_to_megatron(tensors, m.num_layers, m.num_attention_heads,
                                             m.text_embed_dim != m.hidden_size))
-    if any(not torch.isfinite(p).all() for p in model.parameters()):
-        raise ValueError(f"{hf}: the weights hold NaN or Inf")
     tok = cfg.data.tokenizer_path or None
-    return save_weights_checkpoint(cfg, [model], out, tokenizer=tok, source=str(Path(hf).resolve()))
+    final = save_weights_checkpoint(cfg, [model], out, tokenizer=tok, source=str(Path(hf).resolve()))
+    for stale in Path(out).glob("iter_*"):        # the replaced run's checkpoints; `latest` already points here
+        if stale != final:
+            shutil.rmtree(stale)
+    return final
 
 
 def export_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -123,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("from-hf", help="HF directory -> model-only training checkpoint (any layout loads it)")
     b.add_argument("--hf", required=True, help="HF directory (config.json, safetensors, tokenizer files)")
     b.add_argument("--out", required=True, help="save dir to write (iter_0000000 and `latest`)")
+    b.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an existing save dir")
     b.add_argument("overrides", nargs="*", help="training config overrides, e.g. the target layout "
                    "parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2")
     c = sub.add_parser("keys", help="print the key -> shape list an export writes (meta device, no weights)")
@@ -151,6 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from genlip_mcore import logs
 
     logs.setup(stream="stderr" if args.cmd == "keys" else "stdout")
+    from genlip_mcore.ckpt import CheckpointError
     from genlip_mcore.config import ConfigError
 
     try:
@@ -171,8 +205,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             path = to_hf(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
                          max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         else:
-            path = from_hf(args.hf, args.out, args.overrides)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            path = from_hf(args.hf, args.out, args.overrides, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"genlip-convert: {e}", file=sys.stderr)
         return 2
     print(f"genlip-convert: wrote {path}")

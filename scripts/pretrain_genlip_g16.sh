@@ -19,17 +19,25 @@
 #              script adds training.load_dir=<save dir> (and training.init_from=null: a resumed run takes its
 #              weights from its own checkpoint). A requeued job keeps its job id, hence its run dir, and so resumes
 #              by itself; to continue in a new job pass the old training.run_dir. Nothing is added when you pass
-#              training.load_dir. Resume needs checkpoints: the g16 configs save only at the end, so pass
-#              training.save_interval=N for long runs.
-#   rendezvous the first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"` (override: RDZV_HOST), port
-#              MASTER_PORT if exported, else 29500 + (job id % 1000) so jobs sharing a node do not collide. Both are
-#              computed once here and handed to every node: never localhost, never a per-node value.
-#   launch     srun --nodes=N --ntasks-per-node=1 ... PYTHON -m torch.distributed.run (= torchrun) --nnodes=N
-#              --nproc_per_node=G --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT --rdzv_id=JOBID
+#              training.load_dir. The stage configs save about hourly (training.save_interval).
+#   rendezvous the first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"` (override: RDZV_HOST, an address
+#              of that first node), port MASTER_PORT if exported, else 29500 + (job id % 1000) so jobs sharing a
+#              node do not collide. Both are computed once here and handed to every node: never localhost, never a
+#              per-node value. torchrun's static rendezvous: node SLURM_NODEID 0 hosts the store. (With c10d, the
+#              node that hosts the store can exit first at a stop, and the others' torchrun then fails on it.)
+#   launch     srun --nodes=N --ntasks-per-node=1 ... PYTHON -c "$TORCHRUN_SHIM" (= torchrun) --nnodes=N
+#              --nproc_per_node=G --rdzv_backend=static --rdzv_endpoint=HOST:PORT
 #              -m genlip_mcore.train --config FILE overrides...
 #              N: SLURM_JOB_NUM_NODES (or SLURM_NNODES). G: GPUS_PER_NODE if exported, else SLURM_GPUS_ON_NODE,
 #              SLURM_GPUS_PER_NODE, the `nvidia-smi -L` count, or 8. PYTHON: exported PYTHON, else .venv/bin/python
 #              of the checkout when present, else python3.
+#              The shim (below) is torchrun that passes stop signals on and takes its node rank from SLURM_NODEID.
+#   stop       a stop (SIGUSR1 from --signal before the time limit, SIGTERM or SIGINT to this shell) is sent on as
+#              SIGUSR1 to srun, which signals every task; each node's torchrun passes it to its trainers, which
+#              agree at the next step boundary, save, and exit 75 (genlip_mcore.train.stop). The job then exits 75,
+#              and a job submitted with --requeue (the default here) requeues itself and resumes from that save.
+#              A stop that slurm itself sends to every process (scancel without --signal, preemption) saves only
+#              if the save fits in the cluster's KillWait, after which slurm sends SIGKILL.
 #
 # Dry run (DRY_RUN=1 or --dry-run) prints the environment and the exact command as a bash snippet and exits 0.
 # Inside an allocation (or with SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES, ... simulated, and an
@@ -49,10 +57,18 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --mem=0
 #SBATCH --exclusive
-# Your partition's limit. A job that hits it stops; resubmit with the same training.run_dir to continue.
+# Your partition's limit. The stage-1 configs save and exit 30 min before 24 h (training.exit_duration_mins).
 #SBATCH --time=24:00:00
+# SIGUSR1 to this batch shell 300 s before the limit: the run saves and exits 75, and the job requeues. The lead
+# must cover one step and one save at your layout (the log shows both: elapsed time per iteration, and the time
+# between "stop requested" and "saved checkpoint"). g16 at TP2 x DP32: a step is ~2.6 s, a checkpoint ~1.4e9
+# params x ~14 B (bf16 weights, fp32 master and Adam) ~ 20 GB, ~200 s even at 100 MB/s, hence 300.
+#SBATCH --signal=B:USR1@300
 #SBATCH --output=logs/%x-%j.out
-# Requeue after node failure or preemption; the requeued job resumes from <run dir>/checkpoints/latest.
+# A requeued job keeps its job id, hence its log file: append to it rather than start it over.
+#SBATCH --open-mode=append
+# Requeue after node failure, preemption or a graceful stop (exit 75); the requeued job resumes from
+# <run dir>/checkpoints/latest.
 #SBATCH --requeue
 # Usually needed as well:
 ##SBATCH --partition=gpu
@@ -214,17 +230,60 @@ elif [[ -x "$ROOT/.venv/bin/python" ]]; then
 else
     python=python3
 fi
+# torchrun for one node, its node rank that of the slurm task's node (one srun command line cannot spell a per-node
+# value), and changed in two ways so that a stop ends in a checkpoint (no single quotes in it: the snippet below
+# prints it in them):
+# - SIGUSR1 or SIGTERM to it is passed on to its workers, the trainers, which run in sessions of their own (so a
+#   signal to the task's process group misses them). torchrun would die of SIGUSR1, and on SIGTERM it ends its
+#   workers itself, SIGKILL 30 s later, before a g16 save is done. A trainer that also gets the signal from slurm
+#   directly (proctrack/cgroup or linuxproc signal the whole tree) counts the two as one request.
+# - it exits with its workers' code: 75 when they stopped with a checkpoint, where torchrun exits 1 on any failure.
+#   A 75 is only reached after the collective save, so workers that torchrun or srun ended after it do not count.
+#   Once it knows the code it ignores those signals: the first task to exit 75 makes srun (--kill-on-bad-exit)
+#   send SIGTERM to the others, and a task that died of it would make srun exit 143, not 75.
+TORCHRUN_SHIM='import os, signal, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+
+
+def forward(signum, frame):
+    me = str(os.getpid())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    os.kill(int(pid), signum)
+        except (OSError, IndexError):
+            pass
+
+
+os.environ.setdefault("PET_NODE_RANK", os.environ.get("SLURM_NODEID", "0"))  # torchrun --node-rank, per node
+os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"            # torchrun --signals-to-handle
+os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"     # what the agent reads
+signal.signal(signal.SIGUSR1, forward)
+signal.signal(signal.SIGTERM, forward)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    codes = {f.exitcode for f in e.failures.values() if f.exitcode > 0}
+    if codes != {75}:
+        print(e.format_msg(), file=sys.stderr)
+    sys.exit(codes.pop() if len(codes) == 1 else 1)
+'
 # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): without it every task gets one CPU.
 srun_args=(srun "--nodes=$nnodes" "--ntasks=$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
 [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || srun_args+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
 cmd=("${srun_args[@]}"
-     "$python" -m torch.distributed.run
+     "$python" -c "$TORCHRUN_SHIM"
      "--nnodes=$nnodes" "--nproc_per_node=$gpus"
-     --rdzv_backend=c10d "--rdzv_endpoint=$rdzv_host:$rdzv_port" "--rdzv_id=$job_id"
+     --rdzv_backend=static "--rdzv_endpoint=$rdzv_host:$rdzv_port"
      -m genlip_mcore.train --config "$config"
      ${overrides[@]+"${overrides[@]}"} ${added[@]+"${added[@]}"})
 
-# Printed as a bash snippet that reproduces the launch: `# ...` lines, the exports, then the command (printf %q).
+# Printed as a bash snippet that reproduces the launch: `# ...` lines, the exports, the shim, then the command
+# (printf %q, with the shim as "$TORCHRUN_SHIM").
 {
     if ((dry)); then echo "# $NAME: dry run, nothing is started"; fi
     echo "# job $job_id ($job_name): $nnodes node(s) [${hosts[*]}], $gpus GPU(s) per node, rendezvous $rdzv_host:$rdzv_port"
@@ -232,8 +291,45 @@ cmd=("${srun_args[@]}"
     for note in "${notes[@]}"; do echo "# $note"; done
     echo "cd $(printf '%q' "$ROOT")"
     for var in "${env_shown[@]}"; do echo "export $var=$(printf '%q' "${!var}")"; done
-    printf '%q ' "${cmd[@]}" | sed 's/ $//'
+    echo "TORCHRUN_SHIM='$TORCHRUN_SHIM'"
+    for arg in "${cmd[@]}"; do
+        if [[ "$arg" == "$TORCHRUN_SHIM" ]]; then printf '"$TORCHRUN_SHIM" '; else printf '%q ' "$arg"; fi
+    done | sed 's/ $//'
     echo
 }
 ((dry)) && exit 0
-exec "${cmd[@]}"
+
+# srun runs in the background so that this shell can take the stop signals: `--signal=B:USR1@...` and SIGTERM reach
+# only the batch shell, and sent on as SIGUSR1 to srun they reach every task (see "stop" at the top). SIGINT too:
+# Ctrl-C in an salloc session, where srun in the background ignores it. A second one aborts the save.
+srun_pid=""
+interrupted=0
+send_stop() {
+    interrupted=1
+    echo "[$NAME] $1: asking the trainers to save and stop (SIGUSR1 to every task)" >&2
+    [[ -z "$srun_pid" ]] || kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+trap 'send_stop SIGUSR1' USR1
+trap 'send_stop SIGTERM' TERM
+trap 'send_stop SIGINT' INT
+"${cmd[@]}" &
+srun_pid=$!
+while :; do
+    interrupted=0
+    rc=0; wait "$srun_pid" || rc=$?
+    ((interrupted && rc > 128)) || break                        # srun ended, not a trap
+    kill -0 "$srun_pid" 2>/dev/null && continue
+    last=0; wait "$srun_pid" || last=$?; ((last == 127)) || rc=$last  # srun ended during the trap: its status
+    break
+done
+trap - USR1 TERM INT
+
+if ((rc == 75)); then
+    if [[ "$job_id" != dryrun ]] && scontrol show job "$job_id" 2>/dev/null | grep -q 'Requeue=1.*BatchFlag=1'; then
+        echo "[$NAME] the run saved and stopped (exit 75): requeueing job $job_id, which resumes from $save_dir" >&2
+        scontrol requeue "$job_id" || echo "[$NAME] requeue failed: resubmit with training.run_dir=$run_dir" >&2
+    else
+        echo "[$NAME] the run saved and stopped (exit 75): resubmit with training.run_dir=$run_dir to resume" >&2
+    fi
+fi
+exit "$rc"

@@ -4,7 +4,9 @@
 #   2. generates the shapes dataset (coloured shapes + captions, with a held-out split) and trains a tokenizer,
 #   3. trains the tiny GenLIP on CPU (examples/configs/quickstart.yaml) and saves a checkpoint,
 #   4. captions the held-out images greedily and prints them next to the true captions, with the exact-match rate,
-#   5. exports the checkpoint to the HuggingFace layout and checks that the export captions them identically.
+#   5. exports the checkpoint to the HuggingFace layout and checks that the export captions them identically,
+#   6. sums up: held-out loss (measured during training) beside the exact-match rate, and the training loss against
+#      the loss floor of a model blind to the image.
 # Extra arguments go to genlip-pretrain, e.g. `bash scripts/quickstart.sh training.train_iters=50`.
 # Environment: GENLIP_QUICKSTART_DATA (default data/quickstart), GENLIP_QUICKSTART_RUN (default runs/quickstart),
 # GENLIP_QUICKSTART_SAMPLES (training images generated, default 6000).
@@ -29,10 +31,10 @@ if [[ ! -f "$DATA/tok/tokenizer.model" ]]; then
     "$BIN/genlip-data" train-tokenizer --shards "$DATA/shapes/train/*.tar" --out "$DATA/tok" --vocab-size 500
 fi
 
+DATA_ARGS=("data.sources=$DATA/shapes/train/*.tar" "data.valid_sources=$DATA/shapes/heldout/*.tar"
+           "data.tokenizer_path=$DATA/tok/tokenizer.model" "training.run_dir=$RUN")
 echo "[quickstart] training: $BIN/genlip-pretrain --config examples/configs/quickstart.yaml $*"
-"$BIN/genlip-pretrain" --config examples/configs/quickstart.yaml \
-    "data.sources=$DATA/shapes/train/*.tar" "data.tokenizer_path=$DATA/tok/tokenizer.model" \
-    "training.run_dir=$RUN" "$@"
+"$BIN/genlip-pretrain" --config examples/configs/quickstart.yaml "${DATA_ARGS[@]}" "$@"
 
 echo "[quickstart] greedy captions of the held-out images (checkpoint $RUN/checkpoints):"
 "$BIN/genlip-caption" --checkpoint "$RUN/checkpoints" --shards "$DATA/shapes/heldout/*.tar" \
@@ -50,3 +52,5 @@ else
     diff "$RUN/captions_checkpoint.txt" "$RUN/captions_hf.txt" | head -20 >&2
     exit 1
 fi
+"$BIN/genlip-data" shapes-summary --config examples/configs/quickstart.yaml --captions "$RUN/captions_checkpoint.txt" \
+    "${DATA_ARGS[@]}" "$@" | sed 's/^/[quickstart] /'

@@ -3,6 +3,7 @@
   genlip-data make-shapes --out DIR --samples N --shards K --seed S [--heldout N] [--max-side PX] [--square]
   genlip-data train-tokenizer --shards PATTERN [PATTERN ...] --out DIR --vocab-size N
   genlip-data stats --config FILE [section.key=value ...] [--max-batches N]
+  genlip-data shapes-summary --config FILE [section.key=value ...] [--captions FILE]
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections import Counter
 
 def _captions(patterns: list[str]):
     """Every caption/turn text of the given shards (json `caption`/`conversations`, or txt)."""
-    from genlip_mcore.config import expand_shards
     from genlip_mcore.data.errors import SkipSample
     from genlip_mcore.data.sample import parse_record
     from genlip_mcore.data.shards import index_shard, read_sample
+    from genlip_mcore.data.sources import expand_shards
 
     skips = Counter()
     for pattern in patterns:
@@ -77,6 +78,23 @@ def stats_cmd(a) -> dict:
             "samples_read_before_timing": start_samples}
 
 
+def shapes_summary_cmd(a) -> str:
+    """The quickstart's report after a run on shapes data (lines of text, not JSON)."""
+    from pathlib import Path
+
+    from genlip_mcore import config as C
+    from genlip_mcore.data.shapes import summary
+
+    cfg = C.load(a.config, a.overrides, world_size=1)
+    captions = None
+    if a.captions:
+        try:
+            captions = Path(a.captions).read_text()
+        except OSError as e:
+            raise ValueError(f"{a.captions}: cannot read the captions ({e.strerror or e})") from None
+    return "\n".join(summary(cfg.data, cfg.model.patch_size, cfg.training.run_dir, captions))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="genlip-data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -99,9 +117,15 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--max-batches", type=int, default=20)
     p.set_defaults(fn=stats_cmd)
+    p = sub.add_parser("shapes-summary", help="held-out loss, exact match and blind floor of a run on shapes data")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--captions", help="what genlip-caption printed for the held-out shards")
+    p.set_defaults(fn=shapes_summary_cmd)
     a = ap.parse_args(argv)
     try:
-        print(json.dumps(a.fn(a)))
+        out = a.fn(a)
+        print(out if isinstance(out, str) else json.dumps(out))
     except Exception as e:                        # config errors and data errors: one clear line, exit 2
         from genlip_mcore.config import ConfigError
 

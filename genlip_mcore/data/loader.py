@@ -27,11 +27,12 @@ from typing import Any, Optional
 
 import torch
 
-from genlip_mcore.config import DataConfig, expand_shards
+from genlip_mcore.config import DataConfig
 from genlip_mcore.data.batch import IGNORE_INDEX, Batch, concat
 from genlip_mcore.data.errors import SkipSample
 from genlip_mcore.data.packing import Packer, PackItem, row_to_batch
 from genlip_mcore.data.shards import MixedReader, RawSample, SampleRef, read_sample
+from genlip_mcore.data.sources import expand_shards
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -79,17 +80,6 @@ class SampleProcessor:
         else:
             pixels = DeferredImage(image, size)
         return PackItem(layout.tokens, layout.labels, layout.positions, layout.n_img, pixels, ref)
-
-
-def check_tokenizer(d: DataConfig, model_vocab_size: int) -> None:
-    """Start-up check: every id the tokenizer can produce must have a row in the model's embedding."""
-    from genlip_mcore.config import ConfigError
-    from genlip_mcore.data.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(d.tokenizer_kind, d.tokenizer_path, d.end_text).vocab_size
-    if vocab > model_vocab_size:
-        raise ConfigError(f"model.vocab_size: {model_vocab_size} is smaller than the tokenizer's {vocab} "
-                          f"({d.tokenizer_path})")
 
 
 class SkipBudget:
@@ -149,8 +139,24 @@ class RowStream:
         self.reader.load_state_dict(state["reader"])
         self.skips = Counter(state["skips"]) - self.reader.skips      # the reader restored its own share
         self.samples = state["samples"]
-        self.packer.buffer = [self.process(read_sample(SampleRef(**ref)), SampleRef(**ref))
-                              for ref in state["buffer"]]
+        self.packer.buffer = []
+        handles: dict = {}
+        lost: Counter = Counter()
+        for saved in state["buffer"]:
+            ref = SampleRef(**saved)
+            try:
+                self.packer.buffer.append(self.process(read_sample(ref, handles), ref))
+                continue
+            except OSError:              # its shard is gone or unreadable since the save: as during a run
+                self.skips["unreadable_shard"] += 1
+            except SkipSample as e:      # its shard was replaced: other bytes at the saved offsets
+                self.skips[e.reason] += 1
+            self.samples -= 1            # counted when it entered the packer; it never reaches a row now
+            lost[ref.shard] += 1
+        for f in handles.values():
+            f.close()
+        for shard, n in lost.items():
+            log.warning(f"resume: {n} buffered samples of {shard} could not be read again; counted as skipped")
 
 
 class PackedRows(torch.utils.data.IterableDataset):
@@ -181,10 +187,11 @@ def _identity(x):
 
 def _worker_init(_worker_id: int) -> None:
     # A SIGKILLed trainer must not leave workers behind: they would block forever flushing into a result pipe
-    # whose read end their siblings still hold.
-    from genlip_mcore.procutil import die_with_parent
+    # whose read end their siblings still hold. And a stop signal sent to the whole process group (slurm, torchrun)
+    # must not kill them while the trainer finishes its step and saves.
+    from genlip_mcore.procutil import serve_until_parent_dies
 
-    die_with_parent()
+    serve_until_parent_dies()
 
 
 class DataLoader:

@@ -32,7 +32,9 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import webdataset as wds
@@ -118,10 +120,11 @@ def blind_floor(d, patch_size: int, limit: int = 1000):
     with `d`'s tokenizer and layout)."""
     from collections import Counter
 
-    from genlip_mcore.config import expand_shards
     from genlip_mcore.data.batch import IGNORE_INDEX
+    from genlip_mcore.data.errors import SkipSample
     from genlip_mcore.data.sample import LayoutConfig, build_layout, parse_record
     from genlip_mcore.data.shards import index_shard, read_sample
+    from genlip_mcore.data.sources import expand_shards
     from genlip_mcore.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(d.tokenizer_kind, d.tokenizer_path, d.end_text)
@@ -129,12 +132,15 @@ def blind_floor(d, patch_size: int, limit: int = 1000):
     labelled, n = 0, 0
     for shard in (s for pattern in d.sources for s in expand_shards(pattern)):
         for ref in index_shard(shard, Counter()):
-            turns = parse_record(read_sample(ref), d.stage)
+            try:                                 # a sample training would skip (no caption, bad json) is left out
+                turns = parse_record(read_sample(ref), d.stage)
+                layout = build_layout((1, 1), turns, tok, layout_cfg)
+            except SkipSample:
+                continue
             try:
                 parse_caption(" ".join(t for role, t in turns if role == "assistant"))
             except ValueError:
                 return None
-            layout = build_layout((1, 1), turns, tok, layout_cfg)
             labelled += sum(lab != IGNORE_INDEX for lab in layout.labels)
             n += 1
             if n >= limit:
@@ -144,6 +150,42 @@ def blind_floor(d, patch_size: int, limit: int = 1000):
     if not n:
         return None
     return math.log(len(COLOURS) * len(SHAPES) * len(POSITIONS)) / (labelled / n)
+
+
+def summary(d, patch_size: int, run_dir, captions: Optional[str] = None) -> list[str]:
+    """The quickstart's closing report, from a finished run on shapes data: the held-out loss beside the exact-match
+    rate of the greedy captions (`captions`: what genlip-caption printed, or None), then the training loss against
+    the blind floor of the held-out shards (`d.valid_sources`, else `d.sources`). ValueError names a missing piece."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        raise ValueError(f"{path}: no metrics (has the run trained?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON lines ({e})") from None
+    # Rows of earlier attempts in the same run dir come first: the latest rows win (last row per iteration).
+    train = [(r["iteration"], r["loss"]) for r in rows if r.get("loss") is not None]
+    valid = [r for r in rows if r.get("valid_loss") is not None]
+    if not train:
+        raise ValueError(f"{path}: no training loss logged")
+    first = min(dict(train))
+    lines = []
+    if valid:
+        v = valid[-1]
+        lines.append(f"held-out loss {v['valid_loss']:.4f} (iteration {v['iteration']}, "
+                     f"{v.get('valid_tokens', '?')} caption tokens)")
+    else:
+        lines.append("held-out loss: none logged (data.valid_sources not set)")
+    m = re.search(r"exact match: ([\d.]+%) of (\d+) held-out images", captions or "")
+    if m:
+        lines[0] += f", exact match {m[1]} of {m[2]} held-out images"
+    line = (f"training loss {dict(train)[first]:.4f} (iteration {first}) -> {train[-1][1]:.4f} "
+            f"(iteration {train[-1][0]})")
+    floor = blind_floor(replace(d, sources=list(d.valid_sources or d.sources)), patch_size)
+    if floor is not None:
+        line += (f"; a model blind to the image cannot go below ~{floor:.4f} on this data (ln "
+                 f"{len(COLOURS) * len(SHAPES) * len(POSITIONS)} nats per caption over its labelled tokens)")
+    return lines + [line]
 
 
 def _image_size(rng: np.random.Generator, max_side: int = MAX_SIDE, square: bool = False) -> tuple[int, int]:

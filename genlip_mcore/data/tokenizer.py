@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -24,6 +25,9 @@ QWEN_END_TEXT = "<|im_end|>\n"   # spec §6.3: encode("<|im_end|>\n") = [151645,
 SP_SPECIAL = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>",
                   eos_piece="</s>")
 KINDS = ("sentencepiece", "hf")
+# What a tokenizer folder may hold: the model (tokenizer.model or tokenizer.json), then the companions.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 @runtime_checkable
@@ -87,6 +91,42 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # keep special tokens visible: decode(encode(x)) == x, and a generated <|im_end|> shows where it stopped
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def tokenizer_kind(path: str | Path) -> str:
+    """'sentencepiece' or 'hf', from the files: tokenizer.model / *.model vs tokenizer.json / *.json."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "tokenizer.model").is_file():
+            return "sentencepiece"
+        if (p / "tokenizer.json").is_file():
+            return "hf"
+        raise FileNotFoundError(f"{p} holds neither tokenizer.model nor tokenizer.json")
+    return "hf" if p.suffix == ".json" else "sentencepiece"
+
+
+def copy_tokenizer(src: str | Path, dest: str | Path) -> Path:
+    """Copy a tokenizer into the folder `dest` (checkpoints and HF exports both carry one) under the standard
+    names, so `tokenizer_kind(dest)` and `load_tokenizer(kind, dest)` find it. -> the path to load it from.
+
+    src is a folder (its TOKENIZER_FILES are copied; -> dest), or a model file of any name (copied as
+    tokenizer.model, or tokenizer.json for *.json, with the companion files beside it; -> that copy)."""
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        tokenizer_kind(src)                                 # refuses a folder without a tokenizer model
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+        return dest
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer {src} does not exist")
+    main = dest / ("tokenizer.json" if tokenizer_kind(src) == "hf" else "tokenizer.model")
+    shutil.copy2(src, main)
+    for name in TOKENIZER_FILES[2:]:         # never a second model: a sibling tokenizer.model may be another one
+        if (src.parent / name).is_file():
+            shutil.copy2(src.parent / name, dest / name)
+    return main
 
 
 def load_tokenizer(kind: str, path: str | Path, end_text: str | None = None) -> Tokenizer:

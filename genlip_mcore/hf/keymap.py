@@ -58,21 +58,34 @@ def _qkv_to_hf(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def hf_to_megatron(hf: dict[str, Tensor], num_layers: int, heads: int, has_proj: bool) -> dict[str, Tensor]:
+    """Every HF tensor is used exactly once: a missing or left-over key raises (naming the first few)."""
+    used: set[str] = set()
+
+    def get(k: str) -> Tensor:
+        used.add(k)
+        return hf[k]
+
     out: dict[str, Tensor] = {}
-    w = hf["vision_embeddings.patch_embedding.weight"]
-    out["embedding.patch_embed.weight"] = w.reshape(w.shape[0], -1)
-    for mk, hk in _TOP_DIRECT + (_TOP_PROJ if has_proj else []):
-        out[mk] = hf[hk]
-    for i in range(num_layers):
-        m, h = f"decoder.layers.{i}.", f"visual.layers.{i}."
-        for mk, hk in _LAYER_DIRECT:
-            out[m + mk] = hf[h + hk]
-        for kind in ("weight", "bias"):
-            out[m + f"self_attention.linear_qkv.{kind}"] = _qkv_from_hf(
-                hf[h + f"self_attn.q_proj.{kind}"], hf[h + f"self_attn.k_proj.{kind}"],
-                hf[h + f"self_attn.v_proj.{kind}"], heads)
-            out[m + f"mlp.linear_fc1.{kind}"] = torch.cat([hf[h + f"mlp.gate_fc.{kind}"],
-                                                           hf[h + f"mlp.fc1.{kind}"]])
+    try:
+        w = get("vision_embeddings.patch_embedding.weight")
+        out["embedding.patch_embed.weight"] = w.reshape(w.shape[0], -1)
+        for mk, hk in _TOP_DIRECT + (_TOP_PROJ if has_proj else []):
+            out[mk] = get(hk)
+        for i in range(num_layers):
+            m, h = f"decoder.layers.{i}.", f"visual.layers.{i}."
+            for mk, hk in _LAYER_DIRECT:
+                out[m + mk] = get(h + hk)
+            for kind in ("weight", "bias"):
+                out[m + f"self_attention.linear_qkv.{kind}"] = _qkv_from_hf(
+                    get(h + f"self_attn.q_proj.{kind}"), get(h + f"self_attn.k_proj.{kind}"),
+                    get(h + f"self_attn.v_proj.{kind}"), heads)
+                out[m + f"mlp.linear_fc1.{kind}"] = torch.cat([get(h + f"mlp.gate_fc.{kind}"),
+                                                               get(h + f"mlp.fc1.{kind}")])
+    except KeyError as e:
+        raise KeyError(f"HF tensor {e.args[0]} is missing") from None
+    extra = sorted(set(hf) - used)
+    if extra:
+        raise KeyError(f"{len(extra)} HF tensors have no place in a {num_layers}-layer model: {extra[:5]}")
     return out
 
 

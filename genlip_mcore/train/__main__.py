@@ -1,9 +1,12 @@
 """`genlip-pretrain --config FILE [section.key=value ...]` (also `python -m genlip_mcore.train`).
 
 Launched directly (one process) or under torchrun/srun. With `data.sources` it trains on webdataset shards;
-without, on the generated colour-patch packs of `genlip_mcore.data.synthetic` (the tests' fast default): their
-captions name patch colours, so a model that cannot see the image stays at the colour prior, and the run ends by
-printing that floor next to its own loss.
+without, on the generated colour-patch packs of `genlip_mcore.data.synthetic` (the tests' fast default).
+
+Start-up runs cheapest first: the config is loaded and validated before torch or Megatron is imported (a typo
+costs a second), then `genlip_mcore.preflight` checks paths, disk and tokenizer, then the model is built. Exit
+status: 0 done, 1 the run stopped on data or numerics, 2 a config or preflight error (one line on stderr); a
+graceful stop on a signal or time budget exits with its own code (`train.stop`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 
 from genlip_mcore import config as C
-from genlip_mcore import logs
+from genlip_mcore import logs, procutil
 
 log = logging.getLogger("genlip_mcore.train")
 
@@ -27,52 +30,38 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def dist_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
+def _config_error(e: C.ConfigError) -> int:
+    print(f"genlip-pretrain: config error: {e}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    procutil.defer_stop_signals()       # a stop signal during start-up stops the run after its first step
     logs.setup()
-    from genlip_mcore.parallel import init_distributed
-
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         cfg = C.load(args.config, args.overrides, world_size=world)
-        if cfg.data.sources:
-            from genlip_mcore.data.loader import check_tokenizer
+        from genlip_mcore import preflight
 
-            check_tokenizer(cfg.data, cfg.model.vocab_size)
+        preflight.run(cfg, rank=rank)
     except C.ConfigError as e:
-        print(f"genlip-pretrain: config error: {e}", file=sys.stderr)
-        return 2
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        return _config_error(e)
     logs.attach_file(Path(cfg.training.run_dir) / "logs" / f"rank{rank}.log")
-    init_distributed()
+    from genlip_mcore.parallel import init_distributed
     from genlip_mcore.train.loop import train
 
+    init_distributed()
     try:
-        losses = [r.loss for r in train(cfg)]
+        results = train(cfg)
+    except C.ConfigError as e:          # what only the built model or loader can tell
+        return _config_error(e)
     except RuntimeError as e:           # data or numerics that cannot go on: one clear line, no traceback wall
         log.error(f"genlip-pretrain: stopped: {e}")
         return 1
-    if losses and cfg.data.sources and dist_rank() == 0:
-        from genlip_mcore.data.shapes import blind_floor
-
-        floor = blind_floor(cfg.data, cfg.model.patch_size)
-        if floor is not None:
-            log.info(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; a model blind to the image cannot go below "
-                     f"~{floor:.4f} on this data (ln 360 nats per caption over its labelled tokens)")
-    if losses and not cfg.data.sources:
-        from genlip_mcore.data.synthetic import blind_floor, make_row
-
-        rows = [make_row(i, seed=cfg.training.seed, max_seq_len=cfg.data.max_seq_len,
-                         patch_dim=cfg.model.patch_dim) for i in range(64)]
-        floor = sum(blind_floor(r) for r in rows) / len(rows)
-        log.info(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; a model blind to the image cannot go below "
-                 f"~{floor:.4f} on this data")
+    if results:
+        log.info(f"done: loss {results[0].loss:.4f} -> {results[-1].loss:.4f} over {len(results)} iterations")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The training loop, top to bottom: build, maybe resume, then step, log, save.
 
 Every rank runs the same loop. The loss and every logged number are global (reduced over the world), and one rank
-(last pipeline stage, TP rank 0, DP rank 0) writes them.
+(last pipeline stage, TP rank 0, DP rank 0) writes them. A stop signal or the wall-clock budget ends the loop at a
+step boundary with a checkpoint and `Stopped` (exit code 75); see train/stop.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from genlip_mcore.data.batch import IGNORE_INDEX, Batch
 from genlip_mcore.model import build_model_chunks
 from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
 from genlip_mcore.train import checkpoint as ckpt_io
+from genlip_mcore.train import stop
 from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
 from genlip_mcore.train.step import StepResult, step_shape, train_step
 
@@ -105,17 +107,35 @@ def _interval_metrics(cfg: Config, measured: MeasuredData, dt: float, iters: int
 
 
 def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[StepResult]:
+    """Runs to training.train_iters (or exit_interval) and returns each step's result; raises stop.Stopped after
+    saving when a stop signal or exit_duration_mins ends the run early. Signal handlers are restored on return."""
+    t = cfg.training
+    with stop.Stopper(t.exit_duration_mins, t.stop_grace_secs) as stopper:
+        return _train(cfg, data_override, stopper)
+
+
+def _train(cfg: Config, data_override: Optional[Iterator[Batch]], stopper: stop.Stopper) -> list[StepResult]:
     from genlip_mcore.train.metrics import MetricsLogger
 
     t = cfg.training
     setup_model_parallel(cfg.parallel, t.seed)
+    rank0 = dist.get_rank() == 0
+    if t.exit_duration_mins and not t.save_interval and rank0:
+        log.warning(f"training.exit_duration_mins={t.exit_duration_mins:g} with training.save_interval=0: only the "
+                    f"save at the exit protects this run, and a crash loses everything; set training.save_interval "
+                    f"(about an hour of steps)")
     chunks = wrap_chunks(cfg, build_model_chunks(cfg, initialize=not t.load_dir))
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
-    start, consumed, data_state = 0, 0, None
+    start, consumed, data_state, resumed = 0, 0, None, None
     if t.load_dir:
         resumed = ckpt_io.load_checkpoint(t.load_dir, chunks, optimizer, scheduler, cfg)
         start, consumed, data_state = resumed.iteration, resumed.consumed_rows, resumed.data_state
+        if start >= t.train_iters:
+            if rank0:
+                log.info(f"nothing to do: resumed at iteration {start} and training.train_iters is {t.train_iters}; "
+                         f"no step taken, nothing saved")
+            return []
     elif t.init_from:
         ckpt_io.load_weights_only(t.init_from, chunks)
     dp_rank, dp = data_parallel_info()
@@ -123,7 +143,9 @@ def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[
     measured = MeasuredData(data, cfg.model)
     shape = step_shape(cfg, dp)
     # --- validation setup (owned by train/evaluate.py) ---
-    evaluator = None
+    from genlip_mcore.train.evaluate import build_evaluator
+
+    evaluator = build_evaluator(cfg, chunks, dp_rank, dp)
     # --- end validation setup ---
     results: list[StepResult] = []
     in_a_row = skipped_steps = 0
@@ -139,7 +161,10 @@ def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[
             if in_a_row >= t.max_nonfinite_steps:
                 raise RuntimeError(f"{in_a_row} consecutive steps with a non-finite loss or gradient (training."
                                    f"max_nonfinite_steps); the last checkpoint saved is intact")
-            if it % t.log_interval == 0 or it == t.train_iters:
+            stop.fault_point(it)
+            why = stopper.agree()                                # one small all-reduce: do all ranks stop here?
+            stopping = why is not None and it < t.train_iters
+            if it % t.log_interval == 0 or it == t.train_iters or stopping:
                 now = time.perf_counter()
                 extra = _interval_metrics(cfg, measured, now - last_log, since_log)
                 metrics.log(it, {"iteration": it, "consumed_samples": consumed, "loss": r.loss, "lr": r.lr,
@@ -147,13 +172,26 @@ def train(cfg: Config, data_override: Optional[Iterator[Batch]] = None) -> list[
                                  "nonfinite_skips": skipped_steps, **extra})
                 last_log, since_log = now, 0
             exiting = bool(t.exit_interval) and it % t.exit_interval == 0
-            if (t.save_interval and it % t.save_interval == 0) or it == t.train_iters or exiting:
-                ckpt_io.save_checkpoint(cfg, chunks, optimizer, scheduler, iteration=it, consumed_rows=consumed,
-                                        data_state=_data_state(data),
-                                        tokenizer=cfg.data.tokenizer_path if cfg.data.sources else None)
+            if (t.save_interval and it % t.save_interval == 0) or it == t.train_iters or exiting or stopping:
+                saved = ckpt_io.save_checkpoint(cfg, chunks, optimizer, scheduler, iteration=it,
+                                                consumed_rows=consumed, data_state=_data_state(data),
+                                                tokenizer=cfg.data.tokenizer_path if cfg.data.sources else None,
+                                                resumed_from=resumed.directory if resumed else None)
                 last_log = time.perf_counter()                   # saving time is not training throughput
+                stopper.saved = stopping
             # --- validation hook (owned by train/evaluate.py) ---
+            if evaluator is not None and evaluator.due(it, last=it == t.train_iters or exiting):
+                metrics.log_validation(it, evaluator.run())
+                last_log = time.perf_counter()                   # nor is validation time
             # --- end validation hook ---
+            if stopping:
+                if rank0:
+                    log.info(f"stopping at iteration {it} ({why}): saved {saved}; exiting with code "
+                             f"{stop.EXIT_STOPPED}, resume with training.load_dir")
+                metrics.close()                                  # a saved stop is not a failed run
+                raise stop.Stopped(why, it)
+            if why is not None and rank0:
+                log.info(f"stop requested ({why}) at the last iteration: the run is complete")
             if exiting:
                 log.info(f"exit_interval: stopping after iteration {it}")
                 break

@@ -171,6 +171,15 @@ def _field(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
+def format_validation_line(iteration: int, metrics: dict) -> str:
+    """Megatron's validation line ("lm loss value", not the training line's "lm loss"); None values left out."""
+    parts = [f" validation loss at iteration {iteration} |"]
+    for key, label in (("valid_loss", "lm loss value"), ("valid_ppl", "lm loss PPL")):
+        if metrics.get(key) is not None:
+            parts.append(f" {label}: {metrics[key]:.6E} |")
+    return "".join(parts)
+
+
 def format_line(iteration: int, total_iters: int, metrics: dict) -> str:
     parts = [f" iteration {iteration:8d}/{total_iters:8d} |"]
     for key, label, fmt in LINE_FIELDS:
@@ -188,9 +197,10 @@ class MetricsLogger:
 
     `log(iteration, metrics)` takes the keys of LINE_FIELDS (fractions for mfu/padding/data wait, `skipped` a dict
     reason -> count) and anything else numeric or JSON-able. MFU is filled in from `tflops_per_gpu` and the peak
-    when not given, and is null when the peak is unknown. A resumed run appends to metrics.jsonl (rows after the
-    resumed checkpoint may then appear twice: readers keep the last row of an iteration), purges TensorBoard events
-    after `start_iteration`, and continues the wandb run whose id is kept in <run_dir>/wandb_id.
+    when not given, and is null when the peak is unknown. Validation results go through `log_validation`, into rows
+    of their own. A resumed run appends to metrics.jsonl (rows after the resumed checkpoint may then appear twice:
+    readers keep the last row of each kind per iteration), purges TensorBoard events after `start_iteration`, and
+    continues the wandb run whose id is kept in <run_dir>/wandb_id.
     """
 
     def __init__(self, cfg: Config, run_dir: Union[str, Path], is_writer: bool, total_iters: int,
@@ -250,6 +260,26 @@ class MetricsLogger:
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             self.bar.refresh()
         log.info(line)
+        return line
+
+    def log_validation(self, iteration: int, metrics: dict) -> str:
+        """A validation result (`valid_loss`, `valid_ppl`, `valid_tokens`): a row of its own in metrics.jsonl (no
+        training keys: readers tell the two kinds of row apart by `valid_loss`), the same scalars in TensorBoard and
+        wandb, and Megatron's validation line framed by rules on the console."""
+        metrics = {k: _plain(v) for k, v in metrics.items() if k != "iteration"}
+        line = format_validation_line(iteration, metrics)
+        if not self.is_writer:
+            return line
+        self._jsonl.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        scalars = _scalars(metrics)
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, global_step=iteration)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=iteration)
+        rule = "-" * len(line)
+        for text in (rule, line, rule):
+            log.info(text)
         return line
 
     def close(self, exit_code: int = 0) -> None:

@@ -57,9 +57,14 @@ def build_optimizer(cfg: Config, wrapped: list):
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup from 0 over int(fraction * T) steps, then cosine to min_lr (spec §7; lr is 0 at step 0)."""
+    """Linear warmup from 0 over int(fraction * T) steps, then cosine to min_lr (spec §7; lr is 0 at step 0).
+
+    On resume, Megatron's scheduler keeps the checkpoint's values over ours; train/checkpoint.py refuses a changed
+    schedule first, so that only training.override_opt_param_scheduler (ours win, from the resumed step) changes it."""
     o, total = cfg.optimizer, cfg.training.train_iters
+    override = cfg.training.override_opt_param_scheduler
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=int(o.lr_warmup_fraction * total),
         lr_decay_steps=total, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=total, wd_incr_style="constant")
+        wd_incr_steps=total, wd_incr_style="constant", override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override)

@@ -105,6 +105,23 @@ def train_step(chunks: list, optimizer, scheduler, data_iterator, *, num_microba
                       update_successful=bool(update_successful))
 
 
+def forward_only_sums(chunks: list, data_iterator, *, num_microbatches: int, seq_length: int) -> torch.Tensor:
+    """One global batch through the schedule, forward only (no autograd): this rank's (loss sum, token count) as
+    float64, nonzero only where the loss is reported (last stage, TP rank 0). The caller reduces over the world."""
+    vpp = len(chunks)
+    iterators = list(itertools.tee(data_iterator, vpp)) if vpp > 1 else data_iterator
+    with torch.no_grad():
+        reduced = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
+            num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=1, forward_only=True)
+    totals = torch.zeros(2, dtype=torch.float64, device=_device())
+    if (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0):
+        for r in reduced:
+            totals += r["lm loss"].to(totals)
+    return totals
+
+
 def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 

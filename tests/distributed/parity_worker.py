@@ -40,10 +40,10 @@ LAYOUTS = {
 
 def run_layout(name, overrides, ckpt_dir, world):
     from genlip_mcore import config as C
+    from genlip_mcore.ckpt import load_model
     from genlip_mcore.data.synthetic import SyntheticPacks
     from genlip_mcore.model import build_model_chunks
     from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
-    from genlip_mcore.train.checkpoint import load_model
     from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
     from genlip_mcore.train.step import step_shape, train_step
 
@@ -72,9 +72,9 @@ def main(out_path, ckpt_dir, names):
     import torch.distributed as dist
 
     from genlip_mcore import config as C
+    from genlip_mcore.ckpt import save_model
     from genlip_mcore.model import build_model_chunks
     from genlip_mcore.parallel import init_distributed, setup_model_parallel
-    from genlip_mcore.train.checkpoint import save_model
 
     rank, world = init_distributed()
     cfg = C.load(None, BASE, world_size=world)

@@ -1,9 +1,11 @@
 """torchrun worker (4 ranks): 2N steps straight vs N steps + resume + N steps, at TP=2 x PP=2; then the same
-mid-run checkpoint resumed at TP=1/PP=1 (DP=4). Rank 0 writes the per-step losses as JSON.
+mid-run checkpoint resumed at TP=1/PP=1 (DP=4); then that resume again with rank 1's disk full at the final save.
+Rank 0 writes the per-step losses, and every rank's error of the failed save, as JSON.
 Usage: torchrun --nproc_per_node=4 resume_worker.py OUT_JSON WORK_DIR
 """
 
 import json
+import os
 import sys
 
 N = 3
@@ -24,6 +26,7 @@ def run(overrides, world):
 def main(out_path, work):
     import torch.distributed as dist
 
+    from genlip_mcore.ckpt import CheckpointError
     from genlip_mcore.parallel import init_distributed
 
     rank, world = init_distributed()
@@ -34,6 +37,16 @@ def main(out_path, work):
     res["second_half"] = run(TP2PP2 + [f"training.run_dir={work}/c", f"training.load_dir={work}/b/checkpoints"],
                              world)
     res["second_half_tp1"] = run([f"training.run_dir={work}/d", f"training.load_dir={work}/b/checkpoints"], world)
+    os.environ["GENLIP_FAULT"] = f"disk_full_during_save@{2 * N}:1"
+    try:
+        run(TP2PP2 + [f"training.run_dir={work}/e", f"training.load_dir={work}/b/checkpoints"], world)
+        error = None
+    except CheckpointError as e:            # on every rank, none left waiting in a collective
+        error = str(e)
+    del os.environ["GENLIP_FAULT"]
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    res["disk_full"] = {"errors": errors, "left": sorted(os.listdir(f"{work}/e/checkpoints"))}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)

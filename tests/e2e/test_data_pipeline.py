@@ -15,6 +15,7 @@ from genlip_mcore import config as C
 from genlip_mcore.data.loader import DataLoader, SampleProcessor
 from genlip_mcore.data.shapes import make_shapes
 from genlip_mcore.data.shards import SourceReader, index_shard
+from genlip_mcore.data.sources import expand_shards
 from genlip_mcore.data.tokenizer import train_sentencepiece
 from tests.distributed.launch import REPO
 
@@ -151,7 +152,7 @@ def bad_shards(shapes, tmp_path_factory):
 def test_every_bad_kind_is_skipped_and_counted_and_good_samples_all_arrive(shapes, bad_shards):
     root, good_keys = bad_shards
     d = data_cfg(shapes, sources=[str(root / "*.tar")], max_image_pixels=300_000, num_workers=0)
-    reader = SourceReader(C.expand_shards(d.sources[0]), 0, seed=0, slot=0, num_slots=1, shuffle_shards=3)
+    reader = SourceReader(expand_shards(d.sources[0]), 0, seed=0, slot=0, num_slots=1, shuffle_shards=3)
     process = SampleProcessor(d, 16)
     arrived, skips = [], Counter()
     while True:

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from genlip_mcore import config as C
+from genlip_mcore import preflight
+from genlip_mcore.data.sources import expand_shards
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples" / "configs").glob("*.yaml"))
@@ -216,8 +218,32 @@ def test_override_into_a_scalar_is_rejected():
 def test_yaml_top_level_must_be_mapping(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(C.ConfigError):
+    with pytest.raises(C.ConfigError, match=f"^{path}: top level must be a mapping"):
         C.load(path)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("missing.yaml", None, "no such config file"),
+    ("syntax.yaml", "model:\n  variant: tiny\n bad: [1\n", "YAML syntax error at line"),
+    ("binary.yaml", b"\xff\xfe\x00model", "not a text file"),
+    ("section.yaml", "model: [1, 2]\n", None),
+])
+def test_unreadable_config_file_is_one_line_naming_it(tmp_path, name, content, match):
+    """A missing file, bad YAML or a section that is not a mapping: one ConfigError line, naming the file or
+    section, never the parser's own exception."""
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(C.ConfigError) as err:
+        C.load(path)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    if match is None:
+        assert msg.startswith("model: expected a mapping"), msg
+    else:
+        assert msg.startswith(f"{path}: {match}"), msg
 
 
 def test_load_validates(tmp_path):
@@ -379,6 +405,98 @@ def test_other_rejections_name_their_field(section, key, value, field):
     rejects(C.from_dict(tree), field)
 
 
+# The probes of issue 10: each of these validated and then failed later (a traceback, or a silently wrong run).
+SHARDS = ["data.sources=/nonexistent/*.tar", "data.tokenizer_path=/nonexistent/tokenizer.model"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["data.image_size=0"], "data.image_size"),
+    (["model.patch_size=32", "data.image_size=240"], "data.image_size"),       # a multiple of 16, not of 32
+    (["data.max_caption_tokens=0"], "data.max_caption_tokens"),
+    (["data.max_sample_len=0"], "data.max_sample_len"),
+    (["optimizer.lr_decay_style=bogus"], "optimizer.lr_decay_style"),
+    (["optimizer.lr_decay_style=WSD"], "optimizer.lr_decay_style"),              # needs WSD steps we never pass
+    (["logging.peak_tflops=-1"], "logging.peak_tflops"),
+    (["training.global_batch_size=0"], "training.global_batch_size"),
+    (["training.global_batch_size=-4"], "training.global_batch_size"),
+    (["training.global_batch_size=6", "training.micro_batch_size=4"], "training.global_batch_size"),
+    (["training.exit_interval=-1"], "training.exit_interval"),
+    (["training.exit_interval=0"], "training.exit_interval"),
+    (["data.skip_window=0"], "data.skip_window"),
+    (["training.exit_duration_mins=0"], "training.exit_duration_mins"),
+    (["training.exit_duration_mins=-5"], "training.exit_duration_mins"),
+    (["training.stop_grace_secs=0"], "training.stop_grace_secs"),
+    (["training.eval_interval=-1"], "training.eval_interval"),
+    (["training.eval_iters=0"], "training.eval_iters"),
+    # found reading the config with a hostile eye
+    (["data.min_pixels=300000"], "data.max_pixels"),                               # > max_pixels 262144
+    (["data.max_sample_len=2048"], "data.max_sample_len"),                         # longer than a 1024 row
+    (["data.pad_to_multiple_of=0"], "data.pad_to_multiple_of"),                    # was a ZeroDivisionError
+    (["data.end_text=''"], "data.end_text"),
+    (["data.max_aspect_ratio=0.5"], "data.max_aspect_ratio"),
+    (["optimizer.min_lr=0.1", "optimizer.lr=0.01"], "optimizer.min_lr"),           # Megatron asserts max >= min
+    (["optimizer.lr_warmup_fraction=-0.1"], "optimizer.lr_warmup_fraction"),
+    (["optimizer.lr=.inf"], "optimizer.lr"),
+    (["optimizer.min_lr=.nan"], "optimizer.min_lr"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
+    (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2"),
+    (["optimizer.adam_eps=0"], "optimizer.adam_eps"),
+    (["optimizer.clip_grad=-1"], "optimizer.clip_grad"),
+    (["training.keep_last=0"], "training.keep_last"),
+    (["training.seed=-1"], "training.seed"),
+    (["training.run_dir=''"], "training.run_dir"),
+    (["model.rope_theta=0"], "model.rope_theta"),
+    (["model.layernorm_epsilon=0"], "model.layernorm_epsilon"),
+    (["model.mrope_section=[-1,4,4]"], "model.mrope_section"),
+    (["data.valid_sources=/nonexistent/*.tar"], "data.valid_sources"),              # generated data: no held-out
+    (["data.sources=/nonexistent/*.tar"], "data.tokenizer_path"),                   # not set: pure, no file looked at
+    ([*SHARDS, "data.max_seq_len=192"], "data.max_seq_len"),                        # 196 image tokens of a 224 image
+    ([*SHARDS, "data.stage=2", "data.max_sample_len=16"], "data.max_sample_len"),  # the smallest image is 16 patches
+])
+def test_probe_rejections_name_their_field(overrides, field):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(overrides=overrides)
+    msg = str(err.value)
+    assert msg.startswith(field + ":") and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.patch_size=32"],                                   # 224 is a multiple of 32
+    ["model.patch_size=32", "data.stage=2", "data.image_size=256"],
+    ["training.exit_interval=null", "training.exit_duration_mins=0.5", "training.eval_interval=0"],
+    ["optimizer.lr_decay_style=linear", "optimizer.min_lr=0.001", "optimizer.lr=0.001"],
+    [*SHARDS, "data.max_seq_len=200"],                         # 196 image tokens + 1 end token fit
+])
+def test_probe_neighbours_are_accepted(overrides):
+    C.load(overrides=overrides)
+
+
+def test_validate_touches_no_file(monkeypatch):
+    """Shards, tokenizer and checkpoints that do not exist pass validate(): it is pure, the preflight looks."""
+    import builtins
+    import os
+
+    cfg = tiny(data={"sources": ["/nonexistent/{0..9}.tar"], "tokenizer_path": "/nonexistent/tokenizer.model"},
+               training={"load_dir": "/nonexistent/ckpt"})
+
+    touched = []
+
+    def no_io(*args, **kwargs):
+        touched.append(args)
+        raise OSError("validate() must not touch files")
+
+    with monkeypatch.context() as mp:          # undone before pytest itself needs the filesystem again
+        for mod, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (builtins, "open")):
+            mp.setattr(mod, name, no_io)
+        try:
+            C.validate(cfg, world_size=1)
+            cfg.training.load_dir, cfg.training.init_from = None, "/nonexistent/ckpt"
+            C.validate(cfg, world_size=1)
+        except Exception as e:                 # noqa: BLE001 (reported below, outside the patch)
+            touched.append(e)
+    assert touched == []
+
+
 def test_errors_are_value_errors():
     assert issubclass(C.ConfigError, ValueError)
 
@@ -421,7 +539,7 @@ def test_example_shard_patterns_expand_as_intended(path, tmp_path):
         for f in want:
             Path(f).parent.mkdir(parents=True, exist_ok=True)
             Path(f).write_bytes(b"")
-        assert C.expand_shards(moved) == sorted(want), f"{path.name}: {pattern}"
+        assert expand_shards(moved) == sorted(want), f"{path.name}: {pattern}"
 
 
 def test_tiny_cpu_loads():
@@ -462,9 +580,9 @@ def test_te_example_is_the_reference_recipe(with_te, path, tmp_path):
     assert cfg.data.stage == int(stage) and cfg.data.tokenizer_kind == "hf"
     assert cfg.data.decoder == "dali" and cfg.data.dali_device == "mixed"
     model_parallel = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    C.validate(cfg, world_size=32 * model_parallel)          # pure: whether /data exists is the preflight's question
     with pytest.raises(C.ConfigError, match=r"^data.sources\[0\]: .* matches no file"):
-        C.validate(cfg, world_size=32 * model_parallel)
+        preflight.check_sources(cfg.data)
     (tmp_path / "000.tar").write_bytes(b"")
-    (tmp_path / "tokenizer.json").write_text("{}")
-    cfg.data.sources, cfg.data.tokenizer_path = [str(tmp_path / "*.tar")], str(tmp_path / "tokenizer.json")
-    C.validate(cfg, world_size=32 * model_parallel)
+    cfg.data.sources = [str(tmp_path / "*.tar")]
+    assert preflight.check_sources(cfg.data) == {"sources": 1, "valid_sources": 0}

@@ -282,3 +282,89 @@ def test_refresh_code_refuses_what_is_not_a_genlip_export(tmp_path, case):
     before = sorted(p.name for p in target.iterdir()) if target.exists() else None
     assert main(["refresh-code", str(target)]) == 2
     assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Strict loading: an export whose tensors are not exactly those config.json describes is refused, in one line, by
+# both `genlip-caption --hf` and `genlip-convert from-hf` (before either builds a model)
+# ------------------------------------------------------------------------------------------------------------------
+def _rewrite(out: Path, edit_tensors=None, edit_config=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if edit_tensors is not None:
+        sd = load_file(str(out / "model.safetensors"))
+        edit_tensors(sd)
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if edit_config is not None:
+        cj = json.loads((out / "config.json").read_text())
+        edit_config(cj)
+        (out / "config.json").write_text(json.dumps(cj))
+
+
+def _nan_and_inf(sd):
+    sd["visual.layers.0.mlp.fc1.weight"][3, 4] = float("nan")
+    sd["ln_post.bias"][0] = float("inf")
+
+
+WEIGHT_PROBES = {   # probe -> (tensor edit, config edit, what the one line must say)
+    "missing": (lambda sd: sd.pop("visual.layers.1.mlp.fc2.bias"), None,
+                "1 missing tensors (visual.layers.1.mlp.fc2.bias)"),
+    "unexpected": (lambda sd: sd.update({"visual.extra.weight": torch.ones(2), "pooler.bias": torch.ones(2)}), None,
+                   "2 unexpected tensors (pooler.bias, visual.extra.weight)"),
+    "nonfinite": (_nan_and_inf, None, "2 tensors hold NaN or Inf (ln_post.bias, visual.layers.0.mlp.fc1.weight)"),
+    "shape": (lambda sd: sd.update({"visual.layers.0.mlp.fc1.bias": torch.zeros(95)}), None,
+              "visual.layers.0.mlp.fc1.bias is [95], config.json implies [96]"),
+    "layers_beyond_config": (None, lambda cj: cj.update(num_hidden_layers=1),
+                             "tensors for 2 layers (visual.layers.0-1) but config.json says num_hidden_layers=1"),
+    "fewer_layers_than_config": (None, lambda cj: cj.update(num_hidden_layers=3),
+                                 "tensors for 2 layers (visual.layers.0-1) but config.json says num_hidden_layers=3"),
+}
+
+
+@pytest.mark.parametrize("probe", sorted(WEIGHT_PROBES))
+@pytest.mark.parametrize("cli", ["caption", "from-hf"])
+def test_export_with_wrong_tensors_is_refused_in_one_line(tmp_path, capsys, probe, cli):
+    from genlip_mcore import caption, convert
+
+    _, _, out = _tiny(tmp_path, dtype="fp32")
+    edit_tensors, edit_config, want = WEIGHT_PROBES[probe]
+    _rewrite(out, edit_tensors, edit_config)
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (200, 20, 20)).save(image)
+    capsys.readouterr()
+    if cli == "caption":
+        rc = caption.main(["--hf", str(out), "--device", "cpu", str(image)])
+    else:
+        rc = convert.main(["from-hf", "--hf", str(out), "--out", str(tmp_path / "ckpt")])
+        assert not (tmp_path / "ckpt").exists()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert want in err and str(out / "model.safetensors") in err, err
+
+
+def test_nonfinite_tensor_of_a_sharded_export_names_its_shard(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from genlip_mcore import caption
+
+    _, _, out = _tiny(tmp_path, dtype="fp32", max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["visual.layers.1.self_attn.k_proj.weight"]
+    sd = load_file(str(out / shard))
+    sd["visual.layers.1.self_attn.k_proj.weight"][0, 0] = float("-inf")
+    save_file(sd, str(out / shard), metadata={"format": "pt"})
+    assert caption.main(["--hf", str(out), "--device", "cpu", str(out / "config.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"genlip-caption: {out / shard}: 1 tensors hold NaN or Inf "
+                   "(visual.layers.1.self_attn.k_proj.weight)")
+
+
+def test_caption_refuses_an_activation_transformers_does_not_know(tmp_path, capsys):
+    from genlip_mcore import caption
+
+    _, _, out = _tiny(tmp_path, dtype="fp32")
+    _rewrite(out, edit_config=lambda cj: cj.update(hidden_act="swish_bogus"))
+    assert caption.main(["--hf", str(out), "--device", "cpu", str(out / "config.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"genlip-caption: {out / 'config.json'}: hidden_act 'swish_bogus' is not an activation "
+                   "transformers knows")

@@ -420,16 +420,16 @@ def test_caption_files_with_a_trained_sentencepiece(tmp_path, capsys, monkeypatc
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
     assert [line.split("\t")[1] for line in lines] == [" ".join(c.split()) for c in got]
 
-    # a training checkpoint goes through ckpt.load_for_inference (stubbed here: its own tests cover dist checkpoints)
+    # a training checkpoint goes through inference.load_for_inference (stubbed here: its own tests cover dist checkpoints)
     from genlip_mcore import config as C
     from tests.packs import ref_config
 
     cfg = C.Config(model=C.model_config("tiny", vocab_size=tok.vocab_size))
     cfg.data.stage, cfg.data.tokenizer_path, cfg.data.prompt = 2, str(tmp_path / "tok"), prompt.strip()
     sd = init_ref_state_dict(ref_config(cfg.model), torch.Generator().manual_seed(8))
-    import genlip_mcore.ckpt
+    import genlip_mcore.inference
 
-    monkeypatch.setattr(genlip_mcore.ckpt, "load_for_inference", lambda path: (cfg, sd, None))
+    monkeypatch.setattr(genlip_mcore.inference, "load_for_inference", lambda path: (cfg, sd, None))
     m3, tok3, cfg3, prompt3 = caption.load_captioner(checkpoint="unused", device="cpu")
     assert m3.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in m3.state_dict().items())
     assert (m3.config.num_hidden_layers, m3.config.mrope_section, cfg3.stage, prompt3) == (4, [4, 4, 4], 2,

@@ -173,3 +173,74 @@ def test_caption_words():
     assert words == sorted(set(words) - {"."}) + ["."]
     assert {"a", "in", "the", "red", "circle", "top", "left", "center"} <= set(words)
     assert "pale" not in words                              # backgrounds never appear in captions
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from genlip_mcore.config import DataConfig
+    from genlip_mcore.data.tokenizer import train_sentencepiece
+
+    texts = [S.caption_for(s, c, p) for s in S.SHAPES for c in S.COLOURS for p in S.POSITIONS]
+    return str(train_sentencepiece(texts + [DataConfig().prompt], tmp_path_factory.mktemp("tok"), vocab_size=300))
+
+
+def _shard(path, samples):
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        sink = wds.TarWriter(f)
+        for i, members in enumerate(samples):
+            sink.write({"__key__": f"s{i:03d}", **members})
+        sink.close()
+    return str(path)
+
+
+def test_blind_floor_leaves_out_samples_training_would_skip(ds, tok, tmp_path):
+    from genlip_mcore.config import DataConfig
+
+    good = []
+    for i in range(3):
+        img, meta = S.render_sample(SEED, "train", i)
+        good.append({"jpg": S._encode_jpeg(img), "json": json.dumps(meta).encode()})
+    bad = [{"jpg": good[0]["jpg"]}, {"jpg": good[0]["jpg"], "json": b'{"url": "x"}'}, {"json": b"{not json"}]
+    clean = DataConfig(sources=[_shard(tmp_path / "clean.tar", good)], tokenizer_path=tok)
+    mixed = DataConfig(sources=[_shard(tmp_path / "mixed.tar", [bad[0], good[0], *bad[1:], *good[1:]])],
+                       tokenizer_path=tok)
+    floor = S.blind_floor(clean, 16)
+    assert floor is not None and S.blind_floor(mixed, 16) == floor
+    not_shapes = [{"jpg": good[0]["jpg"], "json": json.dumps({"caption": "a photo of a dog"}).encode()}]
+    assert S.blind_floor(DataConfig(sources=[_shard(tmp_path / "dog.tar", not_shapes)], tokenizer_path=tok), 16) is None
+
+
+def _metrics(run_dir, rows):
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_quickstart_summary_reports_held_out_loss_beside_exact_match(ds, tok, tmp_path, capsys):
+    from genlip_mcore.config import DataConfig
+    from genlip_mcore.data.__main__ import main
+
+    root, manifest = ds
+    held = str(root / "a" / manifest["splits"]["heldout"]["shards"][0])
+    d = DataConfig(sources=[str(root / "a" / "train" / "*.tar")], valid_sources=[held], tokenizer_path=tok)
+    _metrics(tmp_path / "run", [
+        {"iteration": 1, "loss": 9.0}, {"iteration": 2, "loss": 8.0}, {"iteration": 2, "valid_loss": 7.0},  # earlier
+        {"iteration": 1, "loss": 5.0}, {"iteration": 2, "valid_loss": 0.75, "valid_ppl": 2.1, "valid_tokens": 40},
+        {"iteration": 2, "loss": 1.0, "lr": 1e-3}])
+    captions = "ok   k\ta red circle in the top.\t(true: ...)\nexact match: 95.0% of 20 held-out images\n"
+    lines = S.summary(d, 16, tmp_path / "run", captions)
+    floor = S.blind_floor(DataConfig(sources=[held], tokenizer_path=tok), 16)
+    assert lines == [
+        "held-out loss 0.7500 (iteration 2, 40 caption tokens), exact match 95.0% of 20 held-out images",
+        f"training loss 5.0000 (iteration 1) -> 1.0000 (iteration 2); a model blind to the image cannot go below ~{floor:.4f} on this data "
+        "(ln 360 nats per caption over its labelled tokens)"]
+    (tmp_path / "captions.txt").write_text(captions)
+    (tmp_path / "c.yaml").write_text("model:\n  variant: tiny\n")
+    args = ["shapes-summary", "--config", str(tmp_path / "c.yaml"), "--captions", str(tmp_path / "captions.txt"),
+            f"data.sources={d.sources[0]}", f"data.valid_sources={held}", f"data.tokenizer_path={tok}"]
+    assert main([*args, f"training.run_dir={tmp_path / 'run'}"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    assert main([*args, f"training.run_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"genlip-data shapes-summary: {tmp_path / 'none' / 'metrics.jsonl'}: no metrics (has the run trained?)"

@@ -1,13 +1,18 @@
 """scripts/pretrain_genlip_g16.sh under a simulated Slurm allocation: the launch it prints (DRY_RUN=1) and runs.
 
-A fake `scontrol` expands the node list and a fake `srun` records its arguments instead of launching anything, so
-these tests need neither Slurm nor a GPU and take well under a second.
+A fake `scontrol` expands the node list (and answers `show job`, records `requeue`), and a fake `srun` records its
+arguments instead of launching anything, so these tests need neither Slurm nor a GPU. The torchrun shim's tests
+launch it for real on this machine (a few seconds); tests/slurm runs the script under a real Slurm.
 """
 
 import os
+import re
 import shlex
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +37,30 @@ ALLOC = {
 
 @pytest.fixture
 def fakebin(tmp_path):
-    """A PATH prefix with `scontrol show hostnames` -> gpu017, gpu018 and an `srun` that logs its argv."""
+    """A PATH prefix with a fake `scontrol` (show hostnames -> gpu017, gpu018; show job -> Requeue=$FAKE_REQUEUE;
+    requeue -> logged to scontrol.log) and an `srun` that logs its argv and exits $FAKE_SRUN_RC. With
+    FAKE_SRUN_WAIT=1 it waits instead, touching srun.ready, until a USR1 or TERM, which it logs to srun.signals."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(
-        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\nprintf "gpu017\\ngpu018\\n"\n')
-    (bin_dir / "srun").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {shlex.quote(str(tmp_path / "srun.argv"))}\n')
+    t = shlex.quote(str(tmp_path))
+    (bin_dir / "scontrol").write_text(f"""#!/bin/sh
+case "$1 $2" in
+    "show hostnames") printf "gpu017\\ngpu018\\n" ;;
+    "show job") echo "JobId=$3 Requeue=${{FAKE_REQUEUE:-1}} Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0" ;;
+    "requeue "*) echo "requeue $2" >> {t}/scontrol.log ;;
+    *) exit 1 ;;
+esac
+""")
+    (bin_dir / "srun").write_text(f"""#!/bin/bash
+printf "%s\\0" "$@" > {t}/srun.argv
+if [ -n "${{FAKE_SRUN_WAIT:-}}" ]; then
+    trap 'echo USR1 >> {t}/srun.signals; exit ${{FAKE_SRUN_RC:-0}}' USR1
+    trap 'echo TERM >> {t}/srun.signals; exit 143' TERM
+    touch {t}/srun.ready
+    for _ in $(seq 600); do sleep 0.1; done
+fi
+exit ${{FAKE_SRUN_RC:-0}}
+""")
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IXUSR)
     return bin_dir
@@ -58,14 +81,28 @@ def run(args=(), *, fakebin=None, alloc=True, dry=True, **env_extra):
 
 
 def launch(proc):
-    """The printed snippet -> (exports {name: value}, comment lines, command argv); checks it is the whole story."""
+    """The printed snippet -> (exports {name: value}, comment lines, command argv); checks it is the whole story.
+    The torchrun shim is printed once as `TORCHRUN_SHIM='...'` and used as "$TORCHRUN_SHIM": argv holds its text."""
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    shim = re.search(r"^TORCHRUN_SHIM='([^']*)'$", proc.stdout, re.M)
+    assert shim, proc.stdout
+    lines = [ln for ln in (proc.stdout[:shim.start()] + proc.stdout[shim.end():]).splitlines() if ln]
     comments = [ln for ln in lines if ln.startswith("#")]
     exports = dict(shlex.split(ln)[1].split("=", 1) for ln in lines if ln.startswith("export "))
     commands = [ln for ln in lines if not ln.startswith(("#", "export ", "cd "))]
     assert len(commands) == 1, proc.stdout
-    return exports, comments, shlex.split(commands[0])
+    argv = shlex.split(commands[0])
+    assert argv.count("$TORCHRUN_SHIM") == 1 and argv[argv.index("$TORCHRUN_SHIM") - 1] == "-c", commands[0]
+    argv[argv.index("$TORCHRUN_SHIM")] = shim[1]
+    return exports, comments, argv
+
+
+def shim_text():
+    """TORCHRUN_SHIM as the script defines it (bash evaluates the assignment)."""
+    src = SCRIPT.read_text()
+    assignment = re.search(r"^TORCHRUN_SHIM='[^']*'$", src, re.M)[0]
+    return subprocess.run(["bash", "-c", f'{assignment}\nprintf %s "$TORCHRUN_SHIM"'], capture_output=True,
+                          text=True, check=True, timeout=30).stdout
 
 
 def after(argv, item):
@@ -97,8 +134,8 @@ def test_two_node_launch(fakebin, tmp_path):
     assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun and "--ntasks=2" in srun
     assert "--cpus-per-task=96" in srun                     # srun does not inherit it from sbatch
     torchrun = argv[argv.index("python3") + 1:argv.index("genlip_mcore.train") - 1]
-    assert torchrun == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
-                        "--rdzv_endpoint=gpu017:29742", "--rdzv_id=4242"]      # 29500 + 4242 % 1000
+    assert torchrun == ["-c", shim_text(), "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=static",
+                        "--rdzv_endpoint=gpu017:29742"]      # 29500 + 4242 % 1000
     assert trainer_args(argv) == ["--config", "examples/configs/g16_stage1.yaml", "training.train_iters=10", spaced,
                                   quoted, "training.run_dir=runs/genlip-g16-4242"]
 
@@ -114,7 +151,7 @@ def test_exported_settings_win(fakebin):
                                   PYTHON="/opt/env/bin/python", SLURM_JOB_NAME="mine"))
     assert exports["NCCL_DEBUG"] == "INFO"
     assert exports["OMP_NUM_THREADS"] == "24"               # 96 CPUs over 4 ranks
-    assert argv[argv.index("-m") - 1] == "/opt/env/bin/python"
+    assert argv[argv.index("-c") - 1] == "/opt/env/bin/python"
     assert "--rdzv_endpoint=gpu017:31000" in argv and "--nproc_per_node=4" in argv
     assert trainer_args(argv)[-1] == "training.run_dir=runs/mine-4242"
 
@@ -175,7 +212,7 @@ def test_outside_slurm():
     # A dry run outside an allocation shows a one-node localhost launch and says so.
     _, comments, argv = launch(run(alloc=False, GPUS_PER_NODE="8"))
     assert any("not inside a Slurm allocation" in c for c in comments)
-    assert "--nnodes=1" in argv and "--rdzv_endpoint=localhost:29500" in argv and "--rdzv_id=dryrun" in argv
+    assert "--nnodes=1" in argv and "--rdzv_endpoint=localhost:29500" in argv
     assert "training.run_dir=runs/genlip-g16-dryrun" in argv
     _, _, argv2 = launch(run(["--dry-run"], alloc=False, dry=False, GPUS_PER_NODE="8"))
     assert argv2 == argv
@@ -203,3 +240,132 @@ def test_finds_the_checkout_from_slurms_spool_copy(fakebin, tmp_path):
     _, _, argv = launch(proc)
     assert f"cd {shlex.quote(str(ROOT))}" in proc.stdout.splitlines()
     assert after(argv, "--config") == "examples/configs/g16_stage1.yaml"
+
+
+def sbatch_directives():
+    return dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", SCRIPT.read_text(), re.M))
+
+
+def test_header_asks_for_a_stop_signal_and_requeue():
+    d = sbatch_directives()
+    assert "requeue" in d and d["open-mode"] == "append"    # a requeued job appends to its log
+    m = re.fullmatch(r"B:USR1@(\d+)", d["signal"])         # to the batch shell, which sends it on to every task
+    assert m and 60 <= int(m[1]) <= 900
+
+
+def _start(fakebin, tmp_path, **env):
+    """The script, not dry, with a waiting fake srun; returns the process once srun is up."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _SCRUB}
+    e.update(ALLOC, PYTHON="python3", PATH=f"{fakebin}{os.pathsep}{e.get('PATH', '')}", FAKE_SRUN_WAIT="1", **env)
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=e, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun.ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "fake srun never started"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_goes_to_srun_as_usr1_and_75_requeues(fakebin, tmp_path, sig):
+    """The batch shell (slurm's --signal=B:USR1 target, or a TERM) stays alive and sends SIGUSR1 to srun; when the
+    trainers exit 75 the job requeues itself. With `exec srun` the signal hit srun as it was, and nothing requeued."""
+    proc = _start(fakebin, tmp_path, FAKE_SRUN_RC="75")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert (tmp_path / "srun.signals").read_text() == "USR1\n"
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert f"{sig.name}: asking the trainers to save and stop" in err and "requeueing job 4242" in err
+
+
+def test_exit_75_without_a_signal_requeues(fakebin, tmp_path):
+    """training.exit_duration_mins: the trainers stop by themselves, and the job requeues all the same."""
+    proc = run(fakebin=fakebin, dry=False, FAKE_SRUN_RC="75")
+    assert proc.returncode == 75 and (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_no_requeue_when_not_requeueable_or_not_stopped(fakebin, tmp_path):
+    proc = _start(fakebin, tmp_path, FAKE_SRUN_RC="75", FAKE_REQUEUE="0")      # sbatch --no-requeue
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75 and not (tmp_path / "scontrol.log").exists()
+    assert "resubmit with training.run_dir=runs/genlip-g16-4242" in err
+    for rc in (0, 1, 76):                                  # done, failed, stop aborted without a save
+        done = run(fakebin=fakebin, dry=False, FAKE_SRUN_RC=str(rc))
+        assert done.returncode == rc and not (tmp_path / "scontrol.log").exists()
+
+
+def _shim(tmp_path, worker_body, *, signal_after_ready=None):
+    """The script's torchrun shim on this machine, 2 workers running `worker_body`; returns (exit code, stderr)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, signal, sys, time\n" + worker_body)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "READY_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", shim_text(), "--standalone", "--nproc_per_node=2", str(worker)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if signal_after_ready is not None:
+            deadline = time.monotonic() + 120
+            while len(list(tmp_path.glob("ready.*"))) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, "workers never got ready"
+                time.sleep(0.1)
+            proc.send_signal(signal_after_ready)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_shim_passes_stop_signals_to_workers_and_exits_with_their_75(tmp_path, sig):
+    """Plain torchrun dies of SIGUSR1, ends its workers itself on SIGTERM, and exits 1 when they exit 75. A worker
+    that torchrun kills after another one's 75 (the stop was saved by then) does not change the verdict."""
+    body = """got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+open(os.path.join(os.environ["READY_DIR"], "ready." + os.environ["RANK"]), "w").close()
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a trainer past its stop: torchrun's SIGTERM now kills it
+time.sleep(5 * int(os.environ["RANK"]))        # rank 1 is still on its way out when rank 0 exits
+sys.exit(75 if got and got[0] == %d else 3)
+""" % sig
+    rc, err = _shim(tmp_path, body, signal_after_ready=sig)
+    assert rc == 75, err
+    assert "Root Cause" not in err                          # a graceful stop prints no failure report
+
+
+def test_shim_passes_other_exit_codes_through(tmp_path):
+    rc, err = _shim(tmp_path, "sys.exit(2)\n")
+    assert rc == 2 and "Root Cause" in err and "exitcode  : 2" in err
+
+
+# The estimate behind training.save_interval in the stage configs (see their comments).
+PEAK, MFU, ROW_TOKENS, ROWS = 989e12, 0.40, 16384, 512
+SAMPLE = {1: (196, 74), 2: (1024, 256)}                    # (image, text) tokens of a typical sample
+
+
+@pytest.mark.parametrize("variant", ["l16", "so16", "g16"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_configs_save_hourly_and_stop_before_the_time_limit(variant, stage):
+    from genlip_mcore.config import model_config, read_yaml
+    from genlip_mcore.train.metrics import step_flops
+
+    tree = read_yaml(ROOT / "examples" / "configs" / f"{variant}_stage{stage}.yaml")
+    t, par = tree["training"], tree["parallel"]
+    assert t["global_batch_size"] == ROWS and tree["data"]["max_seq_len"] == ROW_TOKENS
+    gpus = par["tensor_model_parallel_size"] * par["pipeline_model_parallel_size"] * 32       # DP 32
+    ni, nt = SAMPLE[stage]
+    k = ROW_TOKENS // (ni + nt)
+    row = step_flops(model_config(variant), [ni] * k + [0], [nt] * k + [ROW_TOKENS - k * (ni + nt)], n_lm=k * nt)
+    step_s = row * ROWS / (gpus * PEAK * MFU)
+    assert 0.8 * 3600 <= t["save_interval"] * step_s <= 1.2 * 3600, (t["save_interval"], step_s)
+
+    hours = re.fullmatch(r"(\d+):00:00", sbatch_directives()["time"])
+    limit_min = int(hours[1]) * 60
+    lead_min = int(sbatch_directives()["signal"].split("@")[1]) / 60
+    if t["train_iters"] * step_s > limit_min * 60:         # needs several jobs: stop before the limit
+        assert lead_min < limit_min - t["exit_duration_mins"] <= 60
+    else:
+        assert "exit_duration_mins" not in t
