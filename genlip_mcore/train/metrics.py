@@ -247,13 +247,7 @@ class MetricsLogger:
         line = format_line(iteration, self.total_iters, metrics)
         if not self.is_writer:
             return line
-        self._jsonl.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-        scalars = _scalars(metrics)
-        if self._tb is not None:
-            for name, value in scalars.items():
-                self._tb.add_scalar(name, value, global_step=iteration)
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=iteration)
+        self._write(iteration, metrics)
         if self.bar is not None:
             self.bar.update(max(0, iteration - self.bar.n))
             if metrics["loss"] is not None:
@@ -270,6 +264,14 @@ class MetricsLogger:
         line = format_validation_line(iteration, metrics)
         if not self.is_writer:
             return line
+        self._write(iteration, metrics)
+        rule = "-" * len(line)
+        for text in (rule, line, rule):
+            log.info(text)
+        return line
+
+    def _write(self, iteration: int, metrics: dict) -> None:
+        """One row of metrics.jsonl, and its numbers to TensorBoard and wandb."""
         self._jsonl.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         scalars = _scalars(metrics)
         if self._tb is not None:
@@ -277,10 +279,6 @@ class MetricsLogger:
                 self._tb.add_scalar(name, value, global_step=iteration)
         if self._wandb is not None:
             self._wandb.log(scalars, step=iteration)
-        rule = "-" * len(line)
-        for text in (rule, line, rule):
-            log.info(text)
-        return line
 
     def close(self, exit_code: int = 0) -> None:
         if self.bar is not None:

@@ -49,13 +49,17 @@ class Cluster:
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def wait_nodes_idle(self, timeout: float):
-        """Until both nodes are idle: a requeued job's last run has ended there (slurmd is done cleaning up)."""
+        """Until both nodes are idle: a requeued job's last run has ended there (slurmd is done cleaning up).
+        Then 3 s more: slurmd revokes the ended run's job credential with a timestamp in whole seconds, and
+        refuses ("Job credential revoked") a new launch of the same job id whose credential is from that same
+        second. Slurm's own 120 s hold on a requeued job is there for this; StartTime=now skips it."""
         deadline = time.monotonic() + timeout
         while not _up(self.env):
             if time.monotonic() > deadline:
                 out = _sh(["sinfo", "-h", "-N", "-o", "%N %t"], self.env, check=False).stdout
                 pytest.fail(f"nodes not idle after {timeout:.0f} s: {out}")
             time.sleep(0.5)
+        time.sleep(3)
 
     def scontrol(self, *args):
         return _sh(["scontrol", *args], self.env)
