@@ -37,6 +37,10 @@ setup(
         # HF export and AutoModel loading of exported checkpoints
         # tested: 4.53 (the reference's pin; CI runs tests/unit/test_hf_modeling.py under it) and the lock's 5.x
         "hf": ["transformers>=4.53", "safetensors", "huggingface_hub"],
+        # FP8 experiments: torchao's quantizers (emulation, CPU or GPU) and real FP8 GEMMs without Transformer Engine
+        # (precision.fp8_backend: emulate | torchao); matplotlib for the plots of `genlip-fp8 report`.
+        # tested: torchao 0.18.0 (its Float8 and MX APIs move between minor releases), matplotlib 3.11
+        "fp8": ["torchao>=0.18,<0.19", "matplotlib>=3.8"],
         # GPU only: never install these on a CPU machine (they need a CUDA torch and a CUDA runtime).
         "gpu": [
             "transformer-engine[pytorch]>=2.6",

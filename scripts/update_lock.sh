@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the locks in requirements/ with pip-compile (pip-tools), in a throw-away virtualenv:
-#   requirements/dev.txt        every package of the CPU development environment (setup.py's dev, dali, logging and
-#                               hf extras, under constraints.txt), at an exact version. CI and setup_env.sh install it.
+#   requirements/dev.txt        every package of the CPU development environment (setup.py's dev, dali, logging, hf
+#                               and fp8 extras, under constraints.txt), at an exact version. CI and setup_env.sh install it.
 #   requirements/hf-oldest.txt  requirements/hf-oldest.in (the oldest supported transformers) resolved against
 #                               dev.txt, so it differs from dev.txt only where that transformers needs it to.
 # Packages move to their newest allowed versions: review `git diff requirements/`, run the tests, commit.
@@ -22,9 +22,9 @@ compile=("$TOOLS/venv/bin/pip-compile" --quiet --allow-unsafe --strip-extras --n
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--upgrade)
 
-echo "[update_lock] requirements/dev.txt from setup.py [dev,dali,logging,hf] under constraints.txt"
+echo "[update_lock] requirements/dev.txt from setup.py [dev,dali,logging,hf,fp8] under constraints.txt"
 CUSTOM_COMPILE_COMMAND="bash scripts/update_lock.sh" "${compile[@]}" "${args[@]}" \
-    --extra dev --extra dali --extra logging --extra hf -c constraints.txt -o requirements/dev.txt setup.py
+    --extra dev --extra dali --extra logging --extra hf --extra fp8 -c constraints.txt -o requirements/dev.txt setup.py
 
 # dev.txt as constraints, less the packages that the oldest transformers pins differently
 grep -E '^[A-Za-z0-9]' requirements/dev.txt | grep -vE '^(transformers|tokenizers|huggingface-hub)==' \
