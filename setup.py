@@ -55,6 +55,7 @@ setup(
             "genlip-data=genlip_mcore.data.__main__:main",
             "genlip-caption=genlip_mcore.caption:main",
             "genlip-convert=genlip_mcore.convert:main",
+            "genlip-fp8=genlip_mcore.fp8.__main__:main",
         ],
     },
 )

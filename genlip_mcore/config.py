@@ -36,7 +36,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ATTENTION_BACKENDS = ("auto", "local", "flex", "te")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = (None, "e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8", "rowwise")
+# Where FP8 GEMMs run (precision.fp8_backend). "auto": "te" with the Transformer Engine layer spec, else "emulate".
+FP8_BACKENDS = ("auto", "te", "torchao", "emulate")
+# What each backend can run. TE has no "rowwise" (torchao's per-row scales); torchao 0.18 has neither delayed
+# scaling nor a CPU blockwise path, and its MXFP8 training linear needs SM100.
+FP8_BACKEND_RECIPES = {"te": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+                       "torchao": ("tensorwise", "rowwise"),
+                       "emulate": ("delayed", "tensorwise", "blockwise", "mxfp8", "rowwise")}
+# The block that a recipe's scales cover along each GEMM dimension (tokens, K and N of every block linear).
+FP8_RECIPE_BLOCK = {"blockwise": 128, "mxfp8": 32}
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 FP8_AMAX_ALGOS = ("max", "most_recent")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")   # what train/optim.build_scheduler runs
@@ -100,10 +109,23 @@ class ParallelConfig:
 class PrecisionConfig:
     bf16: bool = False
     fp8: Optional[str] = None         # format: None | "e4m3" | "hybrid" (Megatron's meaning of `fp8`)
-    fp8_recipe: str = "delayed"
-    fp8_amax_history_len: int = 1024
+    fp8_recipe: str = "delayed"       # delayed | tensorwise (current scaling) | blockwise | mxfp8 | rowwise
+    fp8_backend: str = "auto"         # auto | te (Transformer Engine) | torchao (real FP8 GEMMs) | emulate (any device)
+    fp8_amax_history_len: int = 1024  # delayed scaling (TE's defaults, not Megatron's 1 / most_recent)
     fp8_amax_compute_algo: str = "max"
+    fp8_margin: int = 0               # scale = (FP8_MAX / amax) / 2**margin (delayed and tensorwise)
+    # tensorwise: scales rounded down to a power of two; results then do not depend on the TP layout (emulate only)
+    fp8_power_2_scales: bool = False
+    # false: the weight-gradient GEMM runs on high-precision operands. emulate only: megatron-core's fp8_wgrad is a
+    # silent no-op with Transformer Engine >= 2.0, so the te backend refuses it.
+    fp8_wgrad: bool = True
     fp8_param: bool = False
+    # Keep the first/last transformer layers in high precision (Megatron's --first-last-layers-bf16).
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+    # megatron-core quantization recipe (YAML: glob matchers -> per-module recipes; `--te-precision-config-file`)
+    quant_recipe_file: Optional[str] = None
 
 
 @dataclass
@@ -195,6 +217,8 @@ class LoggingConfig:
     wandb_name: Optional[str] = None
     progress_bar: Optional[bool] = None   # None: only when stdout is a terminal
     peak_tflops: Optional[float] = None   # per device, for MFU; None: from the device name (H100/H200 989 bf16)
+    # every N iterations, per layer x GEMM x tensor FP8 statistics to fp8_stats.jsonl in training.run_dir; 0: off
+    fp8_stats_interval: int = 0
 
 
 @dataclass
@@ -451,19 +475,93 @@ def _validate_parallel(cfg: Config) -> None:
            "needs parallel.use_distributed_optimizer")
 
 
+def fp8_backend(pr: PrecisionConfig, m: ModelConfig) -> str:
+    """precision.fp8_backend with "auto" resolved: the Transformer Engine spec runs FP8 in TE, the local spec emulates."""
+    if pr.fp8_backend != "auto":
+        return pr.fp8_backend
+    return "te" if m.transformer_impl == "transformer_engine" else "emulate"
+
+
 def _validate_precision(cfg: Config) -> None:
-    pr = cfg.precision
+    pr, m = cfg.precision, cfg.model
     _check(pr.fp8 in FP8_FORMATS, "precision.fp8", f"choose one of {FP8_FORMATS}")
-    if pr.fp8 is not None:
-        _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"choose one of {FP8_RECIPES}")
-        _check(cfg.model.transformer_impl == "transformer_engine", "precision.fp8",
-               "FP8 needs model.transformer_impl=transformer_engine")
-        _check(te_available(), "precision.fp8", "FP8 needs Transformer Engine, which is not installed")
-        _check(pr.bf16, "precision.bf16", "FP8 training runs inside bf16; set precision.bf16=true")
-        _check(pr.fp8_amax_history_len >= 1, "precision.fp8_amax_history_len", "must be >= 1")
-        _check(pr.fp8_amax_compute_algo in FP8_AMAX_ALGOS, "precision.fp8_amax_compute_algo",
-               f"choose one of {FP8_AMAX_ALGOS}")
+    _check(pr.fp8_backend in FP8_BACKENDS, "precision.fp8_backend", f"choose one of {FP8_BACKENDS}")
     _check(not pr.fp8_param or pr.fp8 is not None, "precision.fp8_param", "needs precision.fp8")
+    _check(cfg.logging.fp8_stats_interval >= 0, "logging.fp8_stats_interval", "must be >= 0 (0: off)")
+    if pr.fp8 is None:
+        _check(not cfg.logging.fp8_stats_interval, "logging.fp8_stats_interval", "needs precision.fp8")
+        return
+    backend = fp8_backend(pr, m)
+    _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"choose one of {FP8_RECIPES}")
+    _check(pr.fp8_recipe in FP8_BACKEND_RECIPES[backend], "precision.fp8_recipe",
+           f"{pr.fp8_recipe!r} does not run on precision.fp8_backend={backend}; it runs "
+           f"{', '.join(FP8_BACKEND_RECIPES[backend])}")
+    _check(pr.fp8_amax_history_len >= 1, "precision.fp8_amax_history_len", "must be >= 1")
+    _check(pr.fp8_amax_compute_algo in FP8_AMAX_ALGOS, "precision.fp8_amax_compute_algo",
+           f"choose one of {FP8_AMAX_ALGOS}")
+    _check(0 <= pr.fp8_margin <= 16, "precision.fp8_margin", f"must be in [0, 16], got {pr.fp8_margin}")
+    _check(not pr.fp8_power_2_scales or pr.fp8_recipe == "tensorwise", "precision.fp8_power_2_scales",
+           "applies to fp8_recipe=tensorwise (blockwise and mxfp8 scales are powers of two already)")
+    for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        _check(getattr(pr, name) >= 0, f"precision.{name}", "must be >= 0")
+    if pr.first_last_layers_bf16:
+        _check(pr.num_layers_at_start_in_bf16 + pr.num_layers_at_end_in_bf16 < m.num_layers,
+               "precision.first_last_layers_bf16",
+               f"{pr.num_layers_at_start_in_bf16} + {pr.num_layers_at_end_in_bf16} high-precision layers leave no FP8 "
+               f"layer of model.num_layers={m.num_layers}")
+    if backend == "te":
+        _validate_fp8_te(cfg)
+    else:
+        _check(m.transformer_impl == "local", "precision.fp8_backend",
+               f"{backend} replaces the local spec's linears; set model.transformer_impl=local (or fp8_backend=te)")
+        needs_torchao = backend == "torchao" or pr.fp8_recipe in ("tensorwise", "mxfp8", "rowwise")
+        _check(not needs_torchao or _has_module("torchao"), "precision.fp8_backend",
+               f"{backend} with fp8_recipe={pr.fp8_recipe} uses torchao, which is not installed "
+               f"(pip install -c constraints.txt '.[fp8]')")
+        _check(backend != "torchao" or pr.fp8_wgrad or pr.fp8_recipe == "rowwise", "precision.fp8_wgrad",
+               "false needs fp8_recipe=rowwise on the torchao backend (torchao's rowwise_with_gw_hp), or the emulate "
+               "backend")
+        _check(backend != "torchao" or not pr.fp8_power_2_scales, "precision.fp8_power_2_scales",
+               "is an emulate option (torchao's tensorwise recipe uses fp32 scales)")
+        _check(not pr.quant_recipe_file, "precision.quant_recipe_file",
+               "per-module recipes go through Transformer Engine (fp8_backend=te); with emulate, keep layers in high "
+               "precision with precision.first_last_layers_bf16")
+    _check_fp8_alignment(cfg)
+
+
+def _validate_fp8_te(cfg: Config) -> None:
+    pr, m = cfg.precision, cfg.model
+    _check(m.transformer_impl == "transformer_engine", "precision.fp8_backend",
+           "te needs model.transformer_impl=transformer_engine (or fp8_backend=emulate on the local spec)")
+    _check(te_available(), "precision.fp8", "FP8 on fp8_backend=te needs Transformer Engine, which is not installed")
+    _check(pr.bf16, "precision.bf16", "FP8 training with Transformer Engine runs inside bf16; set precision.bf16=true")
+    _check(pr.fp8_wgrad, "precision.fp8_wgrad",
+           "false is not honoured by Transformer Engine >= 2.0 (megatron-core passes override_linear_precision, "
+           "which TE removed and its recipes silently drop), so it would run FP8 wgrad anyway; use "
+           "fp8_backend=emulate for a high-precision wgrad ablation")
+    _check(not pr.fp8_power_2_scales, "precision.fp8_power_2_scales", "is an emulate option")
+    _check(not (pr.first_last_layers_bf16 and pr.fp8_recipe == "delayed"), "precision.first_last_layers_bf16",
+           "megatron-core runs delayed scaling in one autocast over all layers; use another recipe")
+    _check(not (pr.quant_recipe_file and pr.fp8_recipe == "delayed"), "precision.quant_recipe_file",
+           "megatron-core's per-module recipes do not allow delayed scaling")
+    if pr.first_last_layers_bf16:
+        pp, vpp = cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size
+        per_stage = m.num_layers // (pp * (vpp or 1))
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            _check(getattr(pr, name) <= per_stage, f"precision.{name}",
+                   f"must be <= the {per_stage} layers of a pipeline stage (megatron-core's rule)")
+
+
+def _check_fp8_alignment(cfg: Config) -> None:
+    """Every block linear's GEMM dimensions, per TP shard, must hold whole scaling blocks: TE refuses others, and a
+    block that straddles two shards would make results depend on the TP layout. (Tokens: `seq_len_multiple`.)"""
+    pr, m, tp = cfg.precision, cfg.model, cfg.parallel.tensor_model_parallel_size
+    backend = fp8_backend(pr, m)
+    block = FP8_RECIPE_BLOCK.get(pr.fp8_recipe, 16 if backend == "te" else 1)
+    for name, dim in (("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size", m.ffn_hidden_size)):
+        _check(dim % (block * tp) == 0, name,
+               f"{dim} / TP={tp} = {dim / tp:g} is not a multiple of {block}, the block of fp8_recipe="
+               f"{pr.fp8_recipe} on {backend} (every GEMM dimension of a TP shard must hold whole blocks)")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
@@ -568,12 +666,13 @@ def _validate_optimizer(o: OptimizerConfig) -> None:
 
 
 def seq_len_multiple(cfg: Config) -> int:
-    """Packed length alignment: SP splits tokens over TP ranks; FP8 GEMMs want 16 tokens (128 for block scaling)."""
+    """Packed length alignment: SP splits tokens over TP ranks; FP8 GEMMs want 16 tokens (TE), and block recipes
+    whole blocks of tokens on every SP shard (the wgrad GEMM's operands are scaled in blocks along the tokens)."""
     tp = cfg.parallel.tensor_model_parallel_size
     need = cfg.data.pad_to_multiple_of
     if cfg.parallel.sequence_parallel:
         need = math.lcm(need, tp)
     if cfg.precision.fp8 is not None:
-        block = 128 if cfg.precision.fp8_recipe in ("blockwise", "mxfp8") else 16
+        block = 128 if cfg.precision.fp8_recipe in FP8_RECIPE_BLOCK else 16
         need = math.lcm(need, block * (tp if cfg.parallel.sequence_parallel else 1))
     return need

@@ -298,8 +298,85 @@ def test_fp8_alignment(with_te):
     assert C.seq_len_multiple(cfg) == 32
     cfg.precision.fp8_recipe = "mxfp8"
     assert C.seq_len_multiple(cfg) == 256
+    cfg.model.hidden_size, cfg.model.ffn_hidden_size = 128, 256
     cfg.data.max_seq_len = 1024 + 128
     rejects(cfg, "data.max_seq_len")
+
+
+@pytest.mark.parametrize("recipe, tp, hidden, ffn, bad", [
+    ("blockwise", 1, 128, 256, None), ("blockwise", 2, 128, 256, "model.hidden_size"),
+    ("blockwise", 2, 256, 384, "model.ffn_hidden_size"), ("blockwise", 2, 256, 512, None),
+    ("mxfp8", 2, 128, 192, None), ("mxfp8", 2, 96, 128, "model.hidden_size"),
+    ("tensorwise", 2, 96, 160, None), ("delayed", 4, 104, 100, None)])
+def test_fp8_gemm_dims_hold_whole_blocks_per_tp_shard(recipe, tp, hidden, ffn, bad):
+    """Emulated recipes need whole scaling blocks in every GEMM dimension of a TP shard (TE refuses the rest; a block
+    that straddles shards would make results depend on the layout)."""
+    cfg = tiny(model={"hidden_size": hidden, "ffn_hidden_size": ffn, "num_attention_heads": 4},
+               precision={"fp8": "e4m3", "fp8_recipe": recipe, "fp8_backend": "emulate"},
+               parallel={"tensor_model_parallel_size": tp}, data={"max_seq_len": 1024})
+    if bad:
+        rejects(cfg, bad, match="whole blocks")
+    else:
+        C.validate(cfg)
+
+
+def test_fp8_backend_auto_follows_the_layer_spec(with_te):
+    cfg = tiny(precision={"fp8": "hybrid"})
+    assert C.fp8_backend(cfg.precision, cfg.model) == "emulate"
+    C.validate(cfg)                                               # emulated delayed scaling in fp32: fine
+    cfg.model.transformer_impl = "transformer_engine"
+    assert C.fp8_backend(cfg.precision, cfg.model) == "te"
+
+
+@pytest.mark.parametrize("precision, field, match", [
+    ({"fp8_backend": "cuda"}, "precision.fp8_backend", "choose one of"),
+    ({"fp8": "hybrid", "fp8_recipe": "rowwise", "fp8_backend": "te"}, "precision.fp8_recipe", "does not run on"),
+    ({"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_backend": "torchao"}, "precision.fp8_recipe", "tensorwise, rowwise"),
+    ({"fp8": "hybrid", "fp8_recipe": "tensorwise", "fp8_backend": "torchao", "fp8_wgrad": False},
+     "precision.fp8_wgrad", "rowwise_with_gw_hp"),
+    ({"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_power_2_scales": True}, "precision.fp8_power_2_scales",
+     "tensorwise"),
+    ({"fp8": "hybrid", "fp8_margin": -1}, "precision.fp8_margin", "must be in"),
+    ({"fp8": "hybrid", "fp8_recipe": "tensorwise", "first_last_layers_bf16": True, "num_layers_at_start_in_bf16": 2,
+      "num_layers_at_end_in_bf16": 2}, "precision.first_last_layers_bf16", "no FP8 layer"),
+    ({"fp8": "hybrid", "quant_recipe_file": "q.yaml"}, "precision.quant_recipe_file", "fp8_backend=te"),
+    ({"fp8": "hybrid", "fp8_backend": "te"}, "precision.fp8_backend", "transformer_engine"),
+])
+def test_fp8_settings_that_cannot_run_fail_at_start(precision, field, match):
+    rejects(tiny(precision=precision), field, match=match)
+
+
+def test_fp8_stats_need_fp8():
+    rejects(tiny(logging={"fp8_stats_interval": 10}), "logging.fp8_stats_interval", match="needs precision.fp8")
+    rejects(tiny(precision={"fp8": "hybrid"}, logging={"fp8_stats_interval": -1}), "logging.fp8_stats_interval")
+    C.validate(tiny(precision={"fp8": "hybrid"}, logging={"fp8_stats_interval": 10}))
+
+
+def test_fp8_emulated_recipes_that_use_torchao_say_how_to_install_it(monkeypatch):
+    has_module = C._has_module
+    monkeypatch.setattr(C, "_has_module", lambda name: name != "torchao" and has_module(name))
+    rejects(tiny(precision={"fp8": "hybrid", "fp8_recipe": "tensorwise"}), "precision.fp8_backend", match=".[fp8]")
+    C.validate(tiny(precision={"fp8": "hybrid", "fp8_recipe": "delayed"}))     # our own code: no torchao needed
+
+
+def test_fp8_on_te(with_te):
+    te = {"variant": "tiny", "transformer_impl": "transformer_engine"}
+    cfg = tiny(model=te, precision={"bf16": True, "fp8": "hybrid", "fp8_recipe": "tensorwise"})
+    C.validate(cfg)
+    cfg.precision.fp8_wgrad = False
+    rejects(cfg, "precision.fp8_wgrad", match="silently")
+    cfg.precision.fp8_wgrad = True
+    cfg.precision.bf16 = False
+    rejects(cfg, "precision.bf16")
+    cfg.precision.bf16 = True
+    cfg.precision.first_last_layers_bf16 = True
+    C.validate(cfg)
+    cfg.precision.fp8_recipe = "delayed"
+    rejects(cfg, "precision.first_last_layers_bf16", match="one autocast")
+    cfg = tiny(model=te, precision={"bf16": True, "fp8": "hybrid", "fp8_recipe": "tensorwise",
+                                    "first_last_layers_bf16": True, "num_layers_at_end_in_bf16": 2},
+               parallel={"pipeline_model_parallel_size": 4})
+    rejects(cfg, "precision.num_layers_at_end_in_bf16", match="pipeline stage")
 
 
 @pytest.mark.parametrize("pp, vpp", [(3, None), (2, 4)])
@@ -315,16 +392,16 @@ def test_layers_divisible_by_pp_times_vpp():
 
 
 def test_fp8_without_te(no_te):
-    cfg = tiny(precision={"bf16": True, "fp8": "e4m3"})               # local spec
-    rejects(cfg, "precision.fp8")
+    cfg = tiny(precision={"bf16": True, "fp8": "e4m3", "fp8_backend": "te"})   # local spec
+    rejects(cfg, "precision.fp8_backend", match="transformer_impl")
     cfg.model.transformer_impl = "transformer_engine"
     msg = str(pytest.raises(C.ConfigError, C.validate, cfg).value)
     assert msg.startswith(("precision.fp8:", "model.transformer_impl:")), msg
 
 
 def test_fp8_with_te_needs_te_spec_and_bf16(with_te):
-    cfg = tiny(precision={"bf16": True, "fp8": "e4m3"})
-    rejects(cfg, "precision.fp8", match="transformer_engine")
+    cfg = tiny(precision={"bf16": True, "fp8": "e4m3", "fp8_backend": "te"})
+    rejects(cfg, "precision.fp8_backend", match="transformer_engine")
     cfg.model.transformer_impl = "transformer_engine"
     C.validate(cfg)
     cfg.precision.bf16 = False
