@@ -33,6 +33,7 @@ def run(cfg: Config, *, rank: int = 0) -> None:
     if cfg.data.sources or cfg.data.valid_sources:
         check_tokenizer(cfg.data, cfg.model)
     check_checkpoints(t)
+    check_fp8(cfg)
     if rank == 0:
         found = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in shards.items() if n) or "generated data"
         log.info(f"preflight: {found}; checkpoints in {save_dir(t)}")
@@ -70,6 +71,18 @@ def checkpoint_bytes(cfg: Config) -> int:
     fp32 master weights under bf16. The distributed optimizer shards this over ranks but does not change the sum."""
     per_param = (2 + 4 + 8) if cfg.precision.bf16 else (4 + 8)
     return parameter_count(cfg.model) * per_param
+
+
+def check_fp8(cfg: Config) -> None:
+    """The FP8 recipe can run on this device (`model.fp8.device`), and a per-module recipe file exists."""
+    pr = cfg.precision
+    if pr.fp8 is None:
+        return
+    if pr.quant_recipe_file and not Path(pr.quant_recipe_file).is_file():
+        raise ConfigError(f"precision.quant_recipe_file: {pr.quant_recipe_file} is not a file")
+    from genlip_mcore.model.fp8.device import check_device  # imports torch: only for FP8 runs
+
+    check_device(cfg)
 
 
 def check_disk(cfg: Config) -> None:

@@ -4,6 +4,8 @@
 #                                                 scripts/fetch_gpu_wheels.sh) into a side directory, puts it and
 #                                                 this checkout on PYTHONPATH, runs the check with python3
 #   bash scripts/gpu_check.sh --smoke --out DIR   CPU, tiny sizes, with the project's .venv (CI; no .whl needed)
+# Stages: correctness, attention, throughput, loader, fp8 (tests/gpu/test_gpu_fp8_*.py and `python -m
+# genlip_mcore.fp8 bench`; torchao comes from the carried wheels, TE and nvdlfw-inspect are not on the device).
 # Writes DIR/gpu_report.json and DIR/gpu_report.md; further arguments go to tools/gpu_check.py (--only, --budget,
 # --budgets). Exit status 0 when every stage passed or was skipped with a reason, 1 otherwise: the report is
 # written either way.

@@ -119,9 +119,44 @@ def _loader(res: dict) -> list[str]:
     return lines
 
 
+def _fp8(res: dict) -> list[str]:
+    pk = {"Transformer Engine": res.get("transformer_engine"), "torchao": res.get("torchao"),
+          "nvdlfw-inspect": res.get("nvdlfw_inspect")}
+    lines = [f"{res.get('device')}; " + ", ".join(f"{k}: {v if v not in (None, False) else 'absent'}"
+                                                  for k, v in pk.items()), ""]
+    tests = res.get("tests") or {}
+    lines += ["### FP8 tests", ""]
+    lines += [f"skipped: {tests['skipped']}", ""] if "skipped" in tests else _correctness(tests)
+    bench = res.get("bench") or {}
+    lines += ["### GEMM benchmark", ""]
+    if "skipped" in bench:
+        return lines + [f"skipped: {bench['skipped']}", ""]
+    lines += [f"`{bench.get('command', '')}`: exit code {bench.get('exit_code')} in {_f(bench.get('wall_s'))} s "
+              f"(log `{bench.get('log')}`)", ""]
+    figures = bench.get("figures")
+    rows = figures.get("rows") if isinstance(figures, dict) else figures       # a list of rows, or {"rows": [...]}
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        head = list(dict.fromkeys(k for r in rows for k in r))
+        lines += _table(head, [[_cell(r.get(k)) for k in head] for r in rows])
+    elif figures is not None:
+        lines += ["Figures (JSON) are in gpu_report.json.", ""]
+    if bench.get("figures_error"):
+        lines += [bench["figures_error"], ""]
+    if bench.get("output_tail"):
+        lines += ["```", bench["output_tail"], "```", ""]
+    return lines
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
 def markdown(r: dict) -> str:
     lines = _header(r)
-    render = {"correctness": _correctness, "attention": _attention, "throughput": _throughput, "loader": _loader}
+    render = {"correctness": _correctness, "attention": _attention, "throughput": _throughput, "loader": _loader,
+              "fp8": _fp8}
     for name, st in r["stages"].items():
         lines += [f"## {name}: {st['status']}", ""]
         if st.get("reason"):

@@ -1,5 +1,5 @@
 """The stages of the check that need no training step: correctness (pytest -m gpu), the attention kernels against
-each other, the Pillow loader's rate, and FP8 (skipped until it exists). The throughput stage runs the training
+each other, the Pillow loader's rate, and FP8 (its gpu tests and the GEMM benchmark, as subprocesses). The throughput stage runs the training
 step, which nothing in the package may import, so it lives in tools/gpu_check.py.
 
 Each stage is `fn(params, rec)`: `params` holds the mode's sizes ("sizes"), the output folder ("out"), the job's
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from genlip_mcore.gpucheck.harness import ROOT, Recorder, kill_group
 
@@ -24,6 +25,7 @@ FLEX_NEEDS_CUDA = ("flex attention runs on CUDA only here: torch has no flex bac
 # Agreement of a kernel with `local` against the fp32 truth, as tests/gpu/test_gpu_attention.py bounds it in bf16:
 # relative max error under BOUND, and at most FACTOR x local's own error + FLOOR.
 BOUND, FACTOR, FLOOR = 3e-2, 4.0, 2e-3
+FP8_TESTS = "tests/gpu/test_gpu_fp8_*.py"      # run by the fp8 stage, not by correctness
 
 
 def _has(module: str) -> bool:
@@ -76,16 +78,15 @@ def _verbose_tests(log: Path) -> list[dict]:
     return tests
 
 
-def correctness(params: dict, rec: Recorder) -> None:
+def _pytest(params: dict, targets: list[str], stem: str, limit: float, extra: tuple[str, ...] = ()) -> dict:
+    """`pytest -m gpu TARGETS` in its own process group under `limit` seconds: the command, exit code (None when
+    killed), per-test records and their summary."""
     out = Path(params["out"])
-    junit, log = out / "jobs" / "pytest-gpu.xml", out / "logs" / "pytest-gpu.log"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-v", "-p", "no:cacheprovider",
+    junit, log = out / "jobs" / f"{stem}.xml", out / "logs" / f"{stem}.log"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *targets, *extra, "-v", "-p", "no:cacheprovider",
            f"--junitxml={junit}"]
     if _has("pytest_timeout"):
         cmd.append(f"--timeout={params['sizes']['test_timeout_s']}")
-    limit = max(5.0, params["budget_s"] - 10)             # leave time to read the results before the job's end
-    rec.data.update(command=" ".join(["python", *cmd[1:]]), log=str(log.relative_to(out)), limit_s=limit)
-    rec.save()
     junit.unlink(missing_ok=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,13 +99,31 @@ def correctness(params: dict, rec: Recorder) -> None:
             proc.wait()
     tests = _junit_tests(junit) if rc is not None and junit.exists() else _verbose_tests(log)
     summary = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
-    rec.data.update(exit_code=rc, summary=summary, tests=tests)
+    return {"command": " ".join(["python", *cmd[1:]]), "log": str(log.relative_to(out)), "limit_s": limit,
+            "exit_code": rc, "summary": summary, "tests": tests}
+
+
+def _pytest_problem(res: dict) -> Optional[tuple[str, str]]:
+    """(status, reason) when a pytest run timed out or failed; None when it passed (or only skipped)."""
+    s, rc = res["summary"], res["exit_code"]
     if rc is None:
-        rec.data.update(status="timeout", reason=f"pytest ran past {limit:.0f} s and was killed; outcomes up to "
-                                                 "then are read from its log")
-    elif summary["failed"] or summary["error"] or rc != 0:
-        rec.data.update(status="failed", reason=f"pytest exit code {rc}: {summary['failed']} failed, "
-                                                f"{summary['error']} errors")
+        return "timeout", f"pytest ran past {res['limit_s']:.0f} s and was killed; outcomes up to then are read " \
+                          "from its log"
+    # 5: no test collected (every test deselected), which a tree without gpu-marked tests may give
+    if s["failed"] or s["error"] or rc not in (0, 5):
+        return "failed", f"pytest exit code {rc}: {s['failed']} failed, {s['error']} errors"
+    return None
+
+
+def correctness(params: dict, rec: Recorder) -> None:
+    """The gpu-marked tests but the FP8 ones, which the fp8 stage runs next to its benchmark."""
+    limit = max(5.0, params["budget_s"] - 10)             # leave time to read the results before the job's end
+    rec.data.update(command="pytest -m gpu tests/gpu (running)", limit_s=limit)
+    rec.save()
+    rec.data.update(_pytest(params, ["tests/gpu"], "pytest-gpu", limit, (f"--ignore-glob={FP8_TESTS}",)))
+    problem = _pytest_problem(rec.data)
+    if problem:
+        rec.data.update(status=problem[0], reason=problem[1])
     rec.save()
 
 
@@ -296,19 +315,105 @@ def loader(params: dict, rec: Recorder) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# FP8.
+# FP8: its gpu-marked tests (emulator against hardware FP8, short FP8 training) and the GEMM benchmark.
 # ------------------------------------------------------------------------------------------------------------------
+BENCH = ("genlip_mcore.fp8", "bench")           # `python -m genlip_mcore.fp8 bench --variant V ...` (genlip-fp8)
+
+
+def _bench_args(help_text: str, json_path: Path) -> list[str]:
+    """--json FILE when the bench offers it (its figures then come back whole), else nothing (stdout only)."""
+    return ["--json", str(json_path)] if "--json" in help_text else []
+
+
+def _run(cmd: list[str], log: Path, limit: float) -> Optional[int]:
+    """Exit code of cmd (None when killed at `limit`), its output in `log`, its process group killed after."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            kill_group(proc.pid)
+            proc.wait()
+
+
+def fp8_bench(params: dict, limit: float) -> dict:
+    """`genlip-fp8 bench` on the mode's variants: its figures (from --json where it has it) and its output's tail;
+    {"skipped": why} where the tree has no bench."""
+    if not (_has(".".join(BENCH)) or _has(BENCH[0] + ".__main__")):
+        return {"skipped": "the FP8 benchmark has not landed: no genlip_mcore.fp8 bench in this tree"}
+    out = Path(params["out"])
+    variants = params["sizes"]["fp8_bench_variants"]
+    base = [sys.executable, "-m", BENCH[0], BENCH[1]]
+    t0 = time.perf_counter()
+    help_log = out / "logs" / "fp8-bench-help.log"
+    rc = _run([*base, "--help"], help_log, min(30.0, limit))
+    help_text = help_log.read_text(errors="replace")
+    if rc != 0:
+        return {"skipped": f"`python -m {BENCH[0]} {BENCH[1]} --help` exited with {rc}: the bench is not usable "
+                           f"here ({help_text.strip().splitlines()[-1][:200] if help_text.strip() else 'no output'})"}
+    json_path = out / "jobs" / "fp8-bench.json"
+    json_path.unlink(missing_ok=True)
+    cmd = [*base, "--variant", *variants, *_bench_args(help_text, json_path)]
+    log = out / "logs" / "fp8-bench.log"
+    left = max(5.0, limit - (time.perf_counter() - t0))
+    rc = _run(cmd, log, left)
+    res = {"command": " ".join(["python", *cmd[1:]]), "log": str(log.relative_to(out)), "limit_s": left,
+           "exit_code": rc, "wall_s": time.perf_counter() - t0,
+           "output_tail": "\n".join(log.read_text(errors="replace").splitlines()[-40:])}
+    if json_path.exists():
+        import json
+
+        try:
+            res["figures"] = json.loads(json_path.read_text())
+        except ValueError as e:
+            res["figures_error"] = f"{json_path.name} is not JSON: {e}"
+    return res
+
+
 def fp8(params: dict, rec: Recorder) -> None:
+    """The FP8 gpu tests, then the per-GEMM BF16-vs-FP8 benchmark in what is left of the budget (at least
+    `fp8_bench_min_s` is kept for it when it exists). Skipped, with the reasons, when neither ran anything."""
     from importlib import metadata
 
-    landed = _has("genlip_mcore.fp8")
     try:
         torchao = metadata.version("torchao")
     except metadata.PackageNotFoundError:
         torchao = None
-    rec.data.update(fp8_module=landed, transformer_engine=_has("transformer_engine"), torchao=torchao)
-    if landed:
-        rec.skip("genlip_mcore.fp8 exists, but this check does not drive `genlip-fp8 bench` yet (its gpu-marked "
-                 "tests run in the correctness stage); add the bench here")
+    t0 = time.perf_counter()
+    s = params["sizes"]
+    rec.data.update(transformer_engine=_has("transformer_engine"), torchao=torchao,
+                    nvdlfw_inspect=_has("nvdlfw_inspect"), device=device_name())
+    rec.save()
+    budget = params["budget_s"] - 5                      # leave time to write the results
+    has_bench = _has(".".join(BENCH)) or _has(BENCH[0] + ".__main__")
+    files = sorted(ROOT.glob(FP8_TESTS))
+    problems = []
+    if files:
+        limit = max(5.0, budget - (s["fp8_bench_min_s"] if has_bench else 0.0))
+        tests = _pytest(params, [str(f.relative_to(ROOT)) for f in files], "pytest-fp8", limit)
+        problem = _pytest_problem(tests)
+        if problem:
+            problems.append(problem)
     else:
-        rec.skip("the FP8 issue has not landed: there is no genlip_mcore.fp8 / genlip-fp8 in this tree")
+        tests = {"skipped": f"no {FP8_TESTS} in this tree"}
+    rec.data["tests"] = tests
+    rec.save()
+    left = budget - (time.perf_counter() - t0)
+    if left < 5:
+        bench = {"skipped": f"only {max(left, 0):.0f} s left of the stage's budget after its tests"}
+    else:
+        bench = fp8_bench(params, left)
+    rec.data["bench"] = bench
+    if "exit_code" in bench and bench["exit_code"] is None:
+        problems.append(("timeout", f"the bench ran past {bench['limit_s']:.0f} s and was killed"))
+    elif bench.get("exit_code"):
+        problems.append(("failed", f"the bench exited with {bench['exit_code']} (see {bench['log']})"))
+    if problems:
+        rec.data.update(status=max((p[0] for p in problems), key=["failed", "timeout"].index),
+                        reason="; ".join(p[1] for p in problems))
+    elif "exit_code" not in bench and not sum(tests.get("summary", {}).get(k, 0) for k in ("passed", "failed")):
+        why = tests.get("skipped") or "every FP8 gpu test was skipped (reasons in the report)"
+        rec.skip(f"FP8: {why}; {bench['skipped']}")
+    rec.save()

@@ -31,5 +31,9 @@ def build_model_chunks(cfg: Config, *, initialize: bool = True) -> list[GenLIPMo
             set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         if initialize:
             initialize_weights(model, cfg.model, cfg.training.seed)
+        if tconf.genlip_fp8_linears:                    # FP8 GEMMs in our own linears (emulate / torchao)
+            from genlip_mcore.model.fp8.attach import attach_fp8
+
+            attach_fp8(model, cfg, tconf.genlip_fp8_linears)
         chunks.append(model)
     return chunks

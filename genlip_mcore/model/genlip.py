@@ -62,6 +62,13 @@ class GenLIPModel(MegatronModule):
             self.output_layer = ColumnParallelLinear(E, V, config=head_cfg, init_method=_no_init,
                                                      bias=False, gather_output=False, skip_bias_add=True,
                                                      tp_group=tp_group())
+        if config.quant_recipe is not None:
+            # Per-module quantization recipes (precision.quant_recipe_file, te backend), as GPTModel applies them.
+            from megatron.core.quantization.utils import get_quant_config_or_none
+
+            for name, module in self.named_modules():
+                if hasattr(module, "finish_init"):
+                    module.finish_init(get_quant_config_or_none(name, config.quant_recipe))
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):

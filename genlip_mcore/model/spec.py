@@ -7,6 +7,7 @@ onto TE's fused names through `sharded_state_dict_keys_map`, so a checkpoint mov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from genlip_mcore.config import Config
+from genlip_mcore.config import Config, fp8_backend
 from genlip_mcore.model.attention import PrefixLMAttention
 from genlip_mcore.model.layer import GenLIPTransformerLayer, SPLayerNorm
 
@@ -38,6 +39,26 @@ class GenLIPTransformerConfig(TransformerConfig):
     drop_path_rate: float = 0.0
     genlip_attention_backend: str = "auto"
     genlip_compile: bool = False          # model.compile: torch.compile the layers' residual chain (layer.py)
+    # "emulate" | "torchao": the local spec builds FP8-capable linears (model/fp8/linear.py); None: megatron's own.
+    # Megatron itself never sees fp8 set then, so its TE-only FP8 paths stay off.
+    genlip_fp8_linears: Optional[str] = None
+
+
+def _fp8_kwargs(cfg: Config) -> dict:
+    """Megatron's FP8 fields, for the te backend only (the other backends do FP8 in our linears)."""
+    pr = cfg.precision
+    if pr.fp8 is None or fp8_backend(pr, cfg.model) != "te":
+        return {}
+    kw = dict(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, fp8_amax_history_len=pr.fp8_amax_history_len,
+              fp8_amax_compute_algo=pr.fp8_amax_compute_algo, fp8_param=pr.fp8_param, fp8_margin=pr.fp8_margin,
+              first_last_layers_bf16=pr.first_last_layers_bf16,
+              num_layers_at_start_in_bf16=pr.num_layers_at_start_in_bf16,
+              num_layers_at_end_in_bf16=pr.num_layers_at_end_in_bf16)
+    if pr.quant_recipe_file:
+        from megatron.core.quantization.utils import load_quantization_recipe
+
+        kw["quant_recipe"] = load_quantization_recipe(pr.quant_recipe_file)
+    return kw
 
 
 def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = None) -> GenLIPTransformerConfig:
@@ -46,10 +67,8 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
     te = m.transformer_impl == "transformer_engine"
     dtype = torch.bfloat16 if pr.bf16 else torch.float32
     batch_p2p = p.batch_p2p_comm if p.batch_p2p_comm is not None else on_gpu
-    kw = {}
-    if pr.fp8 is not None:
-        kw = dict(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, fp8_amax_history_len=pr.fp8_amax_history_len,
-                  fp8_amax_compute_algo=pr.fp8_amax_compute_algo, fp8_param=pr.fp8_param)
+    kw = _fp8_kwargs(cfg)
+    ours = fp8_backend(pr, m) if pr.fp8 is not None else None
     if m.recompute_granularity is not None:
         kw.update(recompute_granularity=m.recompute_granularity)
         if m.recompute_granularity == "full":
@@ -77,12 +96,13 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
         transformer_impl="transformer_engine" if te else "local",
         layer_scale_init=m.layer_scale_init, drop_path_rate=m.drop_path_rate,
         genlip_attention_backend=m.attention_backend, genlip_compile=m.compile,
+        genlip_fp8_linears=ours if ours in ("emulate", "torchao") else None,
         cuda_graph_scope=[],        # megatron-core's default "full" is deprecated in its favour (and warns)
         **kw,
     )
 
 
-def layer_spec(transformer_impl: str, ffn_hidden_size: int) -> ModuleSpec:
+def layer_spec(transformer_impl: str, ffn_hidden_size: int, fp8_linears: Optional[str] = None) -> ModuleSpec:
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import (
             TELayerNormColumnParallelLinear,
@@ -93,7 +113,12 @@ def layer_spec(transformer_impl: str, ffn_hidden_size: int) -> ModuleSpec:
             TELayerNormColumnParallelLinear, TERowParallelLinear
         norm, keys_map = IdentityOp, {}
     else:
-        qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+        col, row = ColumnParallelLinear, RowParallelLinear
+        if fp8_linears:                    # same parameters and keys; FP8 GEMMs once model/fp8/attach.py runs
+            from genlip_mcore.model.fp8.linear import EmuColumnParallelLinear, EmuRowParallelLinear
+
+            col, row = EmuColumnParallelLinear, EmuRowParallelLinear
+        qkv, proj, fc1, fc2 = col, row, col, row
         norm = SPLayerNorm
         keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
@@ -128,5 +153,6 @@ def final_norm_cls(transformer_impl: str):
 
 def block_spec(config: GenLIPTransformerConfig, vp_stage=None) -> TransformerBlockSubmodules:
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(config.transformer_impl, config.ffn_hidden_size)] * n,
+    spec = layer_spec(config.transformer_impl, config.ffn_hidden_size, getattr(config, "genlip_fp8_linears", None))
+    return TransformerBlockSubmodules(layer_specs=[spec] * n,
                                       layer_norm=final_norm_cls(config.transformer_impl))

@@ -7,6 +7,7 @@ step boundary with a checkpoint and `Stopped` (exit code 75); see train/stop.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from genlip_mcore.data.batch import IGNORE_INDEX, Batch
 from genlip_mcore.model import build_model_chunks
 from genlip_mcore.parallel import data_parallel_info, setup_model_parallel
 from genlip_mcore.train import checkpoint as ckpt_io
+from genlip_mcore.train import fp8_stats as fp8_stats_io
 from genlip_mcore.train import stop
 from genlip_mcore.train.optim import build_optimizer, build_scheduler, wrap_chunks
 from genlip_mcore.train.step import StepResult, step_shape, train_step
@@ -124,6 +126,7 @@ def _train(cfg: Config, data_override: Optional[Iterator[Batch]], stopper: stop.
         log.warning(f"training.exit_duration_mins={t.exit_duration_mins:g} with training.save_interval=0: only the "
                     f"save at the exit protects this run, and a crash loses everything; set training.save_interval "
                     f"(about an hour of steps)")
+    fp8_stats = fp8_stats_io.for_run(cfg, _is_writer())   # None unless logging.fp8_stats_interval; before the model
     chunks = wrap_chunks(cfg, build_model_chunks(cfg, initialize=not t.load_dir))
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer)
@@ -147,12 +150,18 @@ def _train(cfg: Config, data_override: Optional[Iterator[Batch]], stopper: stop.
 
     evaluator = build_evaluator(cfg, chunks, dp_rank, dp)
     # --- end validation setup ---
+    if fp8_stats is not None:
+        fp8_stats.attach(chunks, start)
     results: list[StepResult] = []
     in_a_row = skipped_steps = 0
     last_log, since_log = time.perf_counter(), 0
-    with MetricsLogger(cfg, Path(t.run_dir), _is_writer(), t.train_iters, start) as metrics:
+    with MetricsLogger(cfg, Path(t.run_dir), _is_writer(), t.train_iters, start) as metrics, \
+            fp8_stats or contextlib.nullcontext():
         for it in range(start + 1, t.train_iters + 1):
+            stats_step = fp8_stats is not None and fp8_stats.begin(it)
             r = train_step(chunks, optimizer, scheduler, measured, **shape)
+            if stats_step:
+                fp8_stats.end(it)
             results.append(r)
             consumed += t.global_batch_size
             since_log += 1

@@ -21,6 +21,7 @@ from torch.profiler import record_function
 
 from genlip_mcore.data.batch import Batch
 from genlip_mcore.model.attention import build_packed_params
+from genlip_mcore.model.fp8.attach import begin_step, chunk_states, delayed_update
 
 # The profiler range around the update (finiteness decision, grad norm, clipping, optimizer, schedule); the GPU
 # check's profile (genlip_mcore/gpucheck/profile.py) attributes everything inside it to the optimizer.
@@ -53,6 +54,8 @@ def forward_step(data_iterator, model):
     packed = build_packed_params(batch.img_lens, batch.txt_lens, device=device, seed=batch.seed,
                                  targets=batch.targets)
     batch = batch.to(device)
+    if chunk_states(model):                       # FP8 in our linears: delayed scales move once per micro-batch
+        delayed_update(model)
     output = model(batch.tokens, batch.patches, batch.position_ids, packed, targets=batch.targets)
     return output, loss_func
 
@@ -76,6 +79,8 @@ def train_step(chunks: list, optimizer, scheduler, data_iterator, *, num_microba
     for m in chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
+    if chunk_states(chunks[0]):
+        begin_step(chunks)
     vpp = len(chunks)
     # Interleaved PP: every virtual chunk consumes every micro-batch, each through its own iterator.
     iterators = list(itertools.tee(data_iterator, vpp)) if vpp > 1 else data_iterator
