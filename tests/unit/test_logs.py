@@ -54,3 +54,29 @@ def test_console_shows_ours_and_real_warnings_and_the_file_keeps_everything(tmp_
 def test_chatter_can_be_shown_on_the_console(tmp_path):
     console, _ = run(tmp_path, GENLIP_LOG_CHATTER="1")
     assert "Params for bucket" in console and "not installed" in console
+
+
+TORCHAO_SCRIPT = """
+import sys
+from genlip_mcore import logs
+logs.setup()
+logs.attach_file(sys.argv[1])
+import torchao  # noqa: F401  (transformers imports it whenever it is installed)
+import logging
+logging.getLogger("torchao").warning("a real torchao warning")
+"""
+
+
+def test_torchao_import_notices_stay_off_the_console(tmp_path):
+    """torchao's CUDA kernels do not load on a CPU machine, and torch's pytree announces each enum torchao registers:
+    neither is news to a user. A real torchao warning still shows."""
+    log = tmp_path / "rank0.log"
+    res = subprocess.run([sys.executable, "-c", TORCHAO_SCRIPT, str(log)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "Failed to load" not in out and "is an Enum subclass" not in out, out
+    assert "a real torchao warning" in out
+    file = log.read_text()
+    if "Failed to load" in file:                                       # kept in the file, relabelled
+        assert " DEBUG torchao: Failed to load" in file
