@@ -29,11 +29,13 @@ CHATTER_WARNINGS = re.compile(
     r"`torch.jit.script_method` is deprecated|Please use DTensor instead and we are deprecating ShardedTensor|"
     r"`load_state_dict` is deprecated and will be removed")
 CHATTER_LOGGERS = ("megatron",)         # below WARNING, these loggers are chatter
-# torchao (the `fp8` extra; transformers imports it whenever it is installed) warns at import that its CUDA kernels
-# (_C_mxfp8, _C_cutlass_90a) do not load on a machine without CUDA; the Python paths we use do not need them.
-CHATTER_TORCHAO = re.compile(r"^Failed to load .*\.so")
-# torch's pytree warns, through torch's own log handler, each time torchao registers one of its enums at import.
-TORCH_PYTREE_CHATTER = "is an Enum subclass and is now natively supported by torch.compile"
+# Notices printed when transformers imports torchao (the `fp8` extra), which it does whenever torchao is installed,
+# often before any entry point has set up logging (Python's last-resort handler then prints them): torchao's CUDA
+# kernels (_C_mxfp8, _C_cutlass_90a) do not load on a machine without CUDA, which the Python paths we use do not
+# need, and torch's pytree announces, through torch's own handler, each enum torchao registers. Dropped on their
+# loggers from the moment this module is imported; GENLIP_LOG_CHATTER=1 keeps them.
+IMPORT_NOTICES = {"torchao": re.compile(r"^Failed to load .*\.so"),
+                  "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch")}
 FORMAT = "%(asctime)s %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
@@ -44,17 +46,26 @@ _BUFFER = 10_000                        # records kept for the log file until it
 def is_chatter(record: logging.LogRecord) -> bool:
     if record.name == "py.warnings":
         return bool(CHATTER_WARNINGS.search(record.getMessage()))
-    if record.name.split(".")[0] == "torchao":
-        return bool(CHATTER_TORCHAO.search(record.getMessage()))
     return record.levelno < logging.WARNING and record.name.split(".")[0] in CHATTER_LOGGERS
 
 
-class _NoPytreeEnumNotice(logging.Filter):
-    """On torch's pytree logger, whose records go to torch's own handler (never ours): drops its notice about enum
-    registration, unless GENLIP_LOG_CHATTER=1."""
+class _DropNotice(logging.Filter):
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return os.environ.get("GENLIP_LOG_CHATTER") == "1" or TORCH_PYTREE_CHATTER not in record.getMessage()
+        return os.environ.get("GENLIP_LOG_CHATTER") == "1" or not self.pattern.search(record.getMessage())
+
+
+def _drop_import_notices() -> None:
+    for name, pattern in IMPORT_NOTICES.items():
+        logger = logging.getLogger(name)                  # the same object the library logs through later
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(pattern))
+
+
+_drop_import_notices()
 
 
 class _ConsoleFilter(logging.Filter):
@@ -135,9 +146,6 @@ def setup(level: int = logging.INFO, stream: str = "stdout", fmt: str = FORMAT) 
     console.setLevel(level)
     _install(root, _Buffer(), FILE_FORMAT, _FileFilter())
     logging.captureWarnings(True)
-    pytree = logging.getLogger("torch.utils._pytree")             # the same object torch logs through later
-    if not any(isinstance(f, _NoPytreeEnumNotice) for f in pytree.filters):
-        pytree.addFilter(_NoPytreeEnumNotice())
 
 
 def attach_file(path: str | Path) -> Path:
