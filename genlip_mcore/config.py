@@ -126,6 +126,10 @@ class PrecisionConfig:
     num_layers_at_end_in_bf16: int = 1
     # megatron-core quantization recipe (YAML: glob matchers -> per-module recipes; `--te-precision-config-file`)
     quant_recipe_file: Optional[str] = None
+    # emulate only, a layout check: GEMMs accumulate in float64 and every sum that TP splits (row-parallel outputs,
+    # column-parallel and LM-head dX, the vocabulary softmax) is reduced in float64 before one rounding, so TP=1 and
+    # TP=k runs give the same numbers. Slower (float64 GEMMs, twice the TP traffic); false accumulates in fp32 as TE.
+    fp8_tp_invariant: bool = False
 
 
 @dataclass
@@ -490,8 +494,11 @@ def _validate_precision(cfg: Config) -> None:
     _check(cfg.logging.fp8_stats_interval >= 0, "logging.fp8_stats_interval", "must be >= 0 (0: off)")
     if pr.fp8 is None:
         _check(not cfg.logging.fp8_stats_interval, "logging.fp8_stats_interval", "needs precision.fp8")
+        _check(not pr.fp8_tp_invariant, "precision.fp8_tp_invariant", "needs precision.fp8 on fp8_backend=emulate")
         return
     backend = fp8_backend(pr, m)
+    _check(not pr.fp8_tp_invariant or backend == "emulate", "precision.fp8_tp_invariant",
+           f"is an emulate option (float64 GEMMs and TP sums); fp8_backend resolves to {backend}")
     _check(pr.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe", f"choose one of {FP8_RECIPES}")
     _check(pr.fp8_recipe in FP8_BACKEND_RECIPES[backend], "precision.fp8_recipe",
            f"{pr.fp8_recipe!r} does not run on precision.fp8_backend={backend}; it runs "

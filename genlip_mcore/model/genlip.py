@@ -59,9 +59,11 @@ class GenLIPModel(MegatronModule):
             # The head reads the full (SP-gathered) hidden states, so it is built as a plain TP column layer:
             # its input gradient is all-reduced over TP, making the gather's backward a plain split.
             head_cfg = dataclasses.replace(config, sequence_parallel=False)
-            self.output_layer = ColumnParallelLinear(E, V, config=head_cfg, init_method=_no_init,
-                                                     bias=False, gather_output=False, skip_bias_add=True,
-                                                     tp_group=tp_group())
+            head_cls = ColumnParallelLinear
+            if config.genlip_tp_invariant:                 # float64 head (model/fp8/attach.py); same parameters
+                from genlip_mcore.model.fp8.linear import EmuColumnParallelLinear as head_cls
+            self.output_layer = head_cls(E, V, config=head_cfg, init_method=_no_init, bias=False,
+                                         gather_output=False, skip_bias_add=True, tp_group=tp_group())
         if config.quant_recipe is not None:
             # Per-module quantization recipes (precision.quant_recipe_file, te backend), as GPTModel applies them.
             from megatron.core.quantization.utils import get_quant_config_or_none
@@ -118,5 +120,10 @@ class GenLIPModel(MegatronModule):
         logits, _ = self.output_layer(h[:, None, :])                                # [N, 1, V/TP]
         if targets is not None and output in ("auto", "loss"):
             labels = targets.index_select(0, lm_idx)[:, None]                       # [N_lm, 1]
+            if logits.dtype == torch.float64:                                       # precision.fp8_tp_invariant
+                from genlip_mcore.model.fp8.invariant import cross_entropy_fp64
+
+                return cross_entropy_fp64(logits[:, 0], labels[:, 0]).float()      # [N_lm] fp32
             return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)[:, 0]   # [N_lm] fp32
+        logits = logits.float() if logits.dtype == torch.float64 else logits
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[:, 0]          # [N, V]

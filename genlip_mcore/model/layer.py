@@ -44,8 +44,17 @@ class SPLayerNorm(torch.nn.LayerNorm):
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.sp = bool(config.sequence_parallel)
+        self.tp_invariant = getattr(config, "genlip_tp_invariant", False)
         for p in self.parameters():
-            p.sequence_parallel = bool(config.sequence_parallel)
+            p.sequence_parallel = self.sp
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.tp_invariant:                  # precision.fp8_tp_invariant: float64 affine part and grad sums
+            from genlip_mcore.model.fp8.invariant import layer_norm_fp64
+
+            return layer_norm_fp64(x, self.weight, self.bias, self.eps, self.sp)
+        return super().forward(x)
 
 
 def residual_add(x: Tensor, bias: Optional[Tensor], gamma: Tensor, scale: Optional[Tensor],
@@ -95,6 +104,10 @@ class GenLIPTransformerLayer(TransformerLayer):
     def _residual_fn(self, branch: int):
         gamma = self.ls_attn if branch == 0 else self.ls_mlp
         add = compiled_residual_add() if getattr(self.config, "genlip_compile", False) else residual_add
+        if getattr(self.config, "genlip_tp_invariant", False):     # float64 bias and LayerScale (fp8/invariant.py)
+            from genlip_mcore.model.fp8.invariant import residual_add_fp64
+
+            add = functools.partial(residual_add_fp64, sequence_parallel=bool(self.config.sequence_parallel))
 
         def bda(x_with_bias, residual: Tensor, prob: float) -> Tensor:
             x, bias = x_with_bias                                   # [T_l, 1, D], [D] or None

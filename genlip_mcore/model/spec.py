@@ -42,6 +42,9 @@ class GenLIPTransformerConfig(TransformerConfig):
     # "emulate" | "torchao": the local spec builds FP8-capable linears (model/fp8/linear.py); None: megatron's own.
     # Megatron itself never sees fp8 set then, so its TE-only FP8 paths stay off.
     genlip_fp8_linears: Optional[str] = None
+    # precision.fp8_tp_invariant: the LM head is an FP8-capable linear too (kept high precision, float64 sums) and
+    # the cross-entropy runs in float64 (genlip.py)
+    genlip_tp_invariant: bool = False
 
 
 def _fp8_kwargs(cfg: Config) -> dict:
@@ -97,6 +100,7 @@ def transformer_config(cfg: Config, *, use_cpu_initialization: bool | None = Non
         layer_scale_init=m.layer_scale_init, drop_path_rate=m.drop_path_rate,
         genlip_attention_backend=m.attention_backend, genlip_compile=m.compile,
         genlip_fp8_linears=ours if ours in ("emulate", "torchao") else None,
+        genlip_tp_invariant=pr.fp8_tp_invariant,
         cuda_graph_scope=[],        # megatron-core's default "full" is deprecated in its favour (and warns)
         **kw,
     )

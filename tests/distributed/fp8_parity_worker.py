@@ -1,13 +1,15 @@
-"""torchrun worker (2 ranks): FP8 training under several parallel layouts, loss and grad norm per step.
+"""torchrun worker: FP8 training under several parallel layouts, loss and grad norm per step.
 
 Every run starts from one dist checkpoint saved at TP=PP=1 and sees the same global batches. Layouts: "tp1"
-(DP=2), "tp2_sp" (TP=2 + SP) and "pp2" (PP=2); recipes on the emulate backend. Model dims hold whole 128-blocks
-per TP shard (hidden 256, FFN 512; the packed length 256 keeps whole token blocks on each SP shard).
-Two ways to run a layout: free ("tp2_sp"), its own 5 steps; forced ("tp2_sp@forced"), each step taken from the
-weights that the TP=1 run had at that step (saved by it after every step), so each of the 5 steps compares the
-layouts' numerics from identical weights, with no drift carried from earlier steps.
-Launched by test_fp8_parity.py; rank 0 writes a JSON file {"<recipe>/<layout>": {"loss": [...], ...}}.
-Usage: torchrun --nproc_per_node=2 fp8_parity_worker.py OUT_JSON CKPT_DIR
+(DP=2 on 2 ranks, DP=1 on 1 rank), "tp2_sp" (TP=2 + SP) and "pp2" (PP=2); recipes on the emulate backend. Model
+dims hold whole 128-blocks per TP shard (hidden 256, FFN 512; the packed length 256 keeps whole token blocks on
+each SP shard). Two ways to run a layout: free ("tp2_sp"), its own 5 steps; forced ("tp2_sp@forced"), each step
+taken from the weights that the TP=1 run had at that step (saved by it after every step), so each of the 5 steps
+compares the layouts' numerics from identical weights, with no drift carried from earlier steps.
+Launched twice by test_fp8_parity.py: on 1 rank (RUNS_1: the DP=1 baselines of the TP-invariant recipes; it saves
+the initial checkpoint), then on 2 ranks (RUNS_2, loading it). Rank 0 writes a JSON file
+{"<recipe>/<layout>": {"loss": [...], "grad_norm": [...]}}.
+Usage: torchrun --nproc_per_node=N fp8_parity_worker.py OUT_JSON CKPT_DIR
 """
 
 import json
@@ -26,15 +28,20 @@ RECIPES = {
     "tensorwise_pow2": ["precision.fp8=hybrid", "precision.fp8_recipe=tensorwise", "precision.fp8_power_2_scales=true"],
     "delayed": ["precision.fp8=hybrid", "precision.fp8_recipe=delayed", "precision.fp8_amax_history_len=16"],
 }
+# precision.fp8_tp_invariant. No gradient clipping: megatron's clip factor comes from an fp32 grad norm whose
+# cross-rank sum depends on the layout by ~1e-7, which would move every weight by an ulp after the first step.
+TP_INVARIANT = ["precision.fp8_tp_invariant=true", "optimizer.clip_grad=0.0"]
+RECIPES.update({f"{r}_tpinv": RECIPES[r] + TP_INVARIANT for r in ("blockwise", "mxfp8")})
 LAYOUTS = {
     "tp1": [],
     "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
 }
-RUNS = [(r, lay) for r in ("blockwise", "mxfp8") for lay in
-        ("tp1", "tp2_sp", "pp2", "tp2_sp@forced", "pp2@forced")] + \
-       [("tensorwise", "tp1"), ("tensorwise", "tp2_sp"), ("tensorwise_pow2", "tp1"), ("tensorwise_pow2", "tp2_sp"),
-        ("tensorwise_pow2", "tp2_sp@forced"), ("delayed", "tp2_sp"), ("delayed", "pp2")]
+RUNS_1 = [("blockwise_tpinv", "tp1"), ("mxfp8_tpinv", "tp1")]
+RUNS_2 = [(r, lay) for r in ("blockwise_tpinv", "mxfp8_tpinv") for lay in ("tp2_sp", "pp2")] + \
+         [(r, lay) for r in ("blockwise", "mxfp8") for lay in ("tp1", "tp2_sp", "pp2", "tp2_sp@forced", "pp2@forced")] + \
+         [("tensorwise", "tp1"), ("tensorwise", "tp2_sp"), ("tensorwise_pow2", "tp1"), ("tensorwise_pow2", "tp2_sp"),
+          ("tensorwise_pow2", "tp2_sp@forced"), ("delayed", "tp2_sp"), ("delayed", "pp2")]
 
 
 def run(recipe, layout, ckpt_dir, world):
@@ -80,10 +87,11 @@ def main(out_path, ckpt_dir):
     rank, world = init_distributed()
     cfg = C.load(None, BASE, world_size=world)                 # high precision: FP8 does not change the weights
     setup_model_parallel(cfg.parallel, cfg.training.seed)
-    save_model(build_model_chunks(cfg), ckpt_dir)
+    if world == 1:
+        save_model(build_model_chunks(cfg), ckpt_dir)
     dist.barrier()
     results = {}
-    for recipe, layout in RUNS:
+    for recipe, layout in (RUNS_1 if world == 1 else RUNS_2):
         results[f"{recipe}/{layout}"] = res = run(recipe, layout, ckpt_dir, world)
         if rank == 0:
             print(recipe, layout, res["loss"], flush=True)

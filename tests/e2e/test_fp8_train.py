@@ -37,6 +37,7 @@ CASES = {   # name: (backend, recipe, format)
     "emulate_delayed": ("emulate", "delayed", "hybrid"),
     "emulate_tensorwise": ("emulate", "tensorwise", "hybrid"),
     "emulate_blockwise": ("emulate", "blockwise", "e4m3"),
+    "emulate_blockwise_tpinv": ("emulate", "blockwise", "e4m3"),     # + precision.fp8_tp_invariant (float64 sums)
     "emulate_mxfp8": ("emulate", "mxfp8", "e4m3"),
     "emulate_rowwise": ("emulate", "rowwise", "e4m3"),
     "torchao_tensorwise": ("torchao", "tensorwise", "hybrid"),
@@ -55,6 +56,8 @@ def runs():
     out = {}
     for name, (backend, recipe, fmt) in CASES.items():
         smaller = TORCHAO_SMALLER if backend == "torchao" else []
+        if name.endswith("_tpinv"):
+            smaller = ["precision.fp8_tp_invariant=true"]
         out[name] = _train(*smaller, f"precision.fp8={fmt}", f"precision.fp8_recipe={recipe}",
                            f"precision.fp8_backend={backend}", "logging.fp8_stats_interval=2",
                            "precision.first_last_layers_bf16=true")
@@ -86,9 +89,10 @@ def test_recipe_trains_and_writes_stats(runs, name):
                                               "underflow_pct", "overflow_pct", "mse")), r
 
 
-def test_emulate_checkpoint_loads_into_a_plain_model(runs):
+@pytest.mark.parametrize("name", ["emulate_blockwise", "emulate_blockwise_tpinv"])
+def test_emulate_checkpoint_loads_into_a_plain_model(runs, name):
     """Same parameter names on every backend: a plain (no FP8) run starts from the emulate checkpoint, strictly."""
-    run_dir, _ = runs["emulate_blockwise"]
+    run_dir, _ = runs[name]
     ckpt = sorted((run_dir / "checkpoints").glob("iter_*"))[-1]
     _, losses = _train(f"training.init_from={ckpt}", "training.train_iters=1")
     assert len(losses) == 1 and math.isfinite(losses[0])

@@ -341,6 +341,9 @@ def test_fp8_backend_auto_follows_the_layer_spec(with_te):
       "num_layers_at_end_in_bf16": 2}, "precision.first_last_layers_bf16", "no FP8 layer"),
     ({"fp8": "hybrid", "quant_recipe_file": "q.yaml"}, "precision.quant_recipe_file", "fp8_backend=te"),
     ({"fp8": "hybrid", "fp8_backend": "te"}, "precision.fp8_backend", "transformer_engine"),
+    ({"fp8_tp_invariant": True}, "precision.fp8_tp_invariant", "needs precision.fp8"),
+    ({"fp8": "hybrid", "fp8_recipe": "tensorwise", "fp8_backend": "torchao", "fp8_tp_invariant": True},
+     "precision.fp8_tp_invariant", "emulate option"),
 ])
 def test_fp8_settings_that_cannot_run_fail_at_start(precision, field, match):
     rejects(tiny(precision=precision), field, match=match)

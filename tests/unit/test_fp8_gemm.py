@@ -219,3 +219,50 @@ def test_stats_vector_round_trip_and_reduction():
         for key in ("amax", "underflow_pct", "overflow_pct", "mse", "kurtosis", "numel", "scale_min", "scale_max"):
             assert got[role][key] == pytest.approx(want[role][key], rel=1e-9), (role, key)
         assert got[role]["dtype"] == ("e4m3" if role == "activation" else "e5m2")
+
+
+def _split_gemms(x, w, dy, state, k1, n1):
+    """The GEMMs as TP runs them: fprop summed over two K shards (the row layer), dgrad over two N shards (the column
+    layer), each shard a GEMM of its own whose partial results are added in the GEMM's output dtype."""
+    def part(xs, ws, dys):
+        xs, ws = xs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        fp8_linear(xs, ws, state).backward(dys)
+        return xs.grad
+    y = fp8_linear(x[..., :k1], w[:, :k1], state) + fp8_linear(x[..., k1:], w[:, k1:], state)
+    xg = x.clone().requires_grad_(True)
+    dx = None
+    for sl in (slice(None, n1), slice(n1, None)):           # dX partials in the GEMM's own dX dtype
+        xg.grad = None
+        xd = xg.double() if state.fp64 else xg
+        xd.retain_grad()
+        fp8_linear(xd, w[sl], state).backward(dy[..., sl])
+        dx = xd.grad if dx is None else dx + xd.grad
+    return y, dx
+
+
+@pytest.mark.parametrize("name", ["blockwise", "mxfp8"])
+def test_fp64_sums_make_split_contractions_exact(name):
+    """precision.fp8_tp_invariant: with float64 accumulation and float64 partial sums, splitting a contraction on
+    block boundaries (as TP does) gives the unsplit GEMM's fp32 result bit for bit; with fp32 accumulation it does
+    not. Per-tensor recipes are not split-invariant even so: each shard gets its own scale (with power-of-two scales
+    only the values near the bottom of the FP8 range then round differently)."""
+    recipe = Recipe(name)
+    x, w, dy = operands()
+    y, dx, dw = run(x, w, dy, GemmState(recipe, fp64=True))
+    assert y.dtype == torch.float64 and dx.dtype == dw.dtype == torch.float32     # dX rounded by autograd to x's
+    ry, rdx, rdw = reference(x, w, dy, recipe)
+    close(y.float(), ry), close(dx, rdx), close(dw, rdw)
+    sy, sdx = _split_gemms(x, w, dy, GemmState(recipe, fp64=True), k1=128, n1=128)
+    assert torch.equal(sy.float(), y.float()) and torch.equal(sdx.float(), dx)
+    fy, fdx = _split_gemms(x, w, dy, GemmState(recipe), k1=128, n1=128)         # fp32: summation order shows
+    y32, dx32, _ = run(x, w, dy, GemmState(recipe))
+    assert not torch.equal(fy, y32) and not torch.equal(fdx, dx32)
+
+
+def test_fp64_disabled_gemm_is_float64_matmul():
+    x, w, dy = operands()
+    y, dx, dw = run(x, w, dy, GemmState(Recipe("blockwise"), enabled=False, fp64=True))
+    x64, w64 = x.double().reshape(-1, K), w.double()
+    assert torch.equal(y.reshape(-1, N), x64 @ w64.t())
+    assert torch.equal(dx, (dy.double().reshape(-1, N) @ w64).float().reshape(x.shape))
+    assert torch.equal(dw, (dy.double().reshape(-1, N).t() @ x64).float())

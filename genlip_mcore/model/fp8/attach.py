@@ -62,8 +62,20 @@ def attach_fp8(model, cfg, backend: str) -> dict:
             if not isinstance(module, _FP8Mixin):
                 raise TypeError(f"layer {n} {gemm} is {type(module).__name__}, not an FP8-capable linear; the local "
                                 f"spec builds Emu linears when precision.fp8 is set")
-            module.fp8_state = states[(n, gemm)] = GemmState(recipe, name=f"{n}.{gemm}", enabled=enabled)
+            module.fp8_state = states[(n, gemm)] = GemmState(recipe, name=f"{n}.{gemm}", enabled=enabled,
+                                                             fp64=cfg.precision.fp8_tp_invariant)
             module.fp8_backend = backend
+    if cfg.precision.fp8_tp_invariant and model.post_process:
+        # The LM head stays high precision; float64 sums make its dX all-reduce layout-independent, and its
+        # float64 logits feed the float64 cross-entropy (genlip.py). Not in fp8_states: no statistics.
+        model.output_layer.fp8_state = GemmState(recipe, name="output_layer", enabled=False, fp64=True)
+        model.output_layer.fp64_output = True
+    if cfg.precision.fp8_tp_invariant:
+        # SP-replicated parameters (LayerNorms, row-parallel biases, LayerScale) get their TP sum in float64 in the
+        # backward (fp8/invariant.py), so megatron must not sum them over TP again at the end of the step.
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                p.sequence_parallel = False
     model.fp8_states = states
     return states
 

@@ -14,6 +14,11 @@ block recipes quantize each usage separately from high precision, so Q_c(X) != Q
 are their products in fp32: the fp32 matmul is the hardware GEMM up to summation order. A non-power-of-two scale adds
 one fp32 rounding per dequantized element (the hardware applies 1/scale after accumulating). Hopper's fast (~14-bit)
 fprop accumulation is not modelled.
+
+With `fp64` (precision.fp8_tp_invariant) the three GEMMs accumulate in float64 and the fprop and dgrad results stay
+float64 for the caller, which rounds them once, after any TP reduction of partial sums (model/fp8/linear.py). The
+operands are quantized from the same fp32 values either way. Products of FP8 values are exact in float64 and their
+sums nearly so, so the result no longer depends on how the contraction is split or ordered.
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ class GemmState:
     delayed: DelayedScales | None = None       # created here for the delayed recipe
     stats: StatsAccumulator | None = None      # when set, each quantization the GEMMs consume is recorded
     record_amax: bool = True
+    fp64: bool = False                         # float64 accumulation and outputs (precision.fp8_tp_invariant)
 
     def __post_init__(self):
-        if self.recipe.name == "delayed" and self.delayed is None:
+        if self.enabled and self.recipe.name == "delayed" and self.delayed is None:
             self.delayed = DelayedScales(self.recipe)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, state: GemmState) -> torch.Tensor:
-    """x [..., K], weight [N, K] -> y [..., N] in x.dtype; no bias (the caller adds it in high precision)."""
+    """x [..., K], weight [N, K] -> y [..., N] in x.dtype (float64 with state.fp64); no bias (the caller adds it in
+    high precision)."""
     return _Fp8Linear.apply(x, weight, state)
 
 
@@ -67,6 +74,10 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, state: GemmState):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)                                       # [M, K]
+        acc = torch.float64 if state.fp64 else torch.float32       # accumulation dtype
+        out = torch.float64 if state.fp64 else x.dtype
+        if state.fp64:
+            x2 = x2.float()                                         # quantize the fp32 values (exact from float64)
         record = state.record_amax
         ctx.state, ctx.x_shape = state, x.shape
         ctx.scales = (None, None)
@@ -74,7 +85,7 @@ class _Fp8Linear(torch.autograd.Function):
             if state.stats is not None and record:
                 state.stats.add("activation", x2, None)
                 state.stats.add("weight", weight, None)
-            y = x2 @ weight.t()
+            y = (x2.to(acc) @ weight.to(acc).t()).to(out) if state.fp64 else x2 @ weight.t()
         else:
             qx = _quantize(x2, state, "activation", "rowwise", record)
             qw = _quantize(weight, state, "weight", "rowwise", record)
@@ -83,7 +94,7 @@ class _Fp8Linear(torch.autograd.Function):
                 state.stats.add("weight", weight, qw)
             if state.recipe.per_tensor:
                 ctx.scales = (qx.scale, qw.scale)                   # backward rebuilds the same FP8 tensors
-            y = (qx.dq @ qw.dq.t()).to(x.dtype)                     # [M, N]
+            y = (qx.dq.to(acc) @ qw.dq.to(acc).t()).to(out)         # [M, N]
         ctx.save_for_backward(x2, weight)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -93,12 +104,21 @@ class _Fp8Linear(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, weight.shape[0])                       # [M, N]
         need_dx, need_dw = ctx.needs_input_grad[:2]
+        # fp64: accumulate in float64 and return dX unrounded (autograd rounds it to x's dtype, after the TP
+        # reduction where x is the float64 input of a column layer). dY arrives as float64 from a float64 output.
+        acc = torch.float64 if state.fp64 else torch.float32
         if not state.enabled:
             if state.stats is not None:
                 state.stats.add("gradient", dy2, None)
+            if state.fp64:
+                dx = (dy2.to(acc) @ weight.to(acc)).reshape(ctx.x_shape) if need_dx else None
+                dw = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype) if need_dw else None
+                return dx, dw, None
             dx = (dy2 @ weight).reshape(ctx.x_shape) if need_dx else None
             dw = dy2.t() @ x2 if need_dw else None
             return dx, dw, None
+        if state.fp64:
+            dy2 = dy2.float()                                       # the fp32 values of dY: quantized as without fp64
 
         recipe, (sx, sw) = state.recipe, ctx.scales
         qdy = _quantize(dy2, state, "gradient", "rowwise", record=True)
@@ -107,9 +127,10 @@ class _Fp8Linear(torch.autograd.Function):
         dx = dw = None
         if need_dx:
             qw = _quantize(weight, state, "weight", "columnwise", record=False, scale=sw)
-            dx = (qdy.dq @ qw.dq).to(x2.dtype).reshape(ctx.x_shape)       # [M, K]
+            dx = (qdy.dq.to(acc) @ qw.dq.to(acc))                          # [M, K]
+            dx = (dx if state.fp64 else dx.to(x2.dtype)).reshape(ctx.x_shape)
         if need_dw and not recipe.fp8_wgrad:
-            dw = dy2.t() @ x2
+            dw = (dy2.to(acc).t() @ x2.to(acc)).to(weight.dtype) if state.fp64 else dy2.t() @ x2
         elif need_dw:
             if recipe.per_tensor:
                 qdy_c = qdy
@@ -117,5 +138,5 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 qdy_c = _quantize(dy2, state, "gradient", "columnwise", record=False)
                 qx_c = _quantize(x2, state, "activation", "columnwise", record=False)
-            dw = (qdy_c.dq.t() @ qx_c.dq).to(weight.dtype)                 # [N, K]
+            dw = (qdy_c.dq.to(acc).t() @ qx_c.dq.to(acc)).to(weight.dtype)   # [N, K]
         return dx, dw, None

@@ -13,6 +13,13 @@ its gradient comes from the high-precision dY, as in Transformer Engine.
 
 A module without `fp8_state` (the default; `model/fp8/attach.py` sets it after the model is built), or with a frozen
 weight, runs megatron's own path.
+
+TP-invariant mode (`GemmState.fp64`, precision.fp8_tp_invariant): every sum that TP splits across ranks is formed in
+float64 and rounded once. The input is cast to float64 before megatron's gather/copy mapping, so the reduce-scatter
+or all-reduce of the column layer's dX (partial sums over N/TP) runs in float64 and is rounded when the gradient
+leaves the cast; the row layer returns its float64 partial outputs (sums over K/TP) to megatron's reduction and
+`forward` rounds the reduced output. With the float64 GEMMs (gemm.py), TP=1 and TP=k then round the same float64
+numbers, and FP8 quantization, which is discontinuous, sees the same fp32 values on every layout.
 """
 
 from __future__ import annotations
@@ -103,6 +110,9 @@ def _torchao_linear(x: torch.Tensor, weight: torch.Tensor, state: GemmState) -> 
 class _FP8Mixin:
     fp8_state: GemmState | None = None
     fp8_backend: str = "emulate"         # "emulate" | "torchao"
+    # TP-invariant mode: return the float64 GEMM output (a row layer's partial sums before megatron's reduction;
+    # the LM head's logits for the float64 cross-entropy) instead of rounding it in _forward_impl
+    fp64_output: bool = False
 
     def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                       grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
@@ -111,6 +121,9 @@ class _FP8Mixin:
             return super()._forward_impl(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                                          sequence_parallel, grad_output_buffer, wgrad_deferral_limit, tp_group)
         tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+        dtype = input.dtype
+        if state.fp64:
+            input = input.double()                                    # TP sums of dX in float64 (module doc)
         if sequence_parallel:                                         # [T_l, b, K] -> [T, b, K]
             x = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
         elif allreduce_dgrad:
@@ -118,6 +131,8 @@ class _FP8Mixin:
         else:
             x = input
         y = self._fp8_gemm(x, weight, self._call_state(state))        # [T, b, N]
+        if state.fp64 and not self.fp64_output:
+            y = y.to(dtype)                                           # no TP sum follows: round now
         return y + bias if bias is not None else y
 
     def _call_state(self, state: GemmState) -> GemmState:
@@ -156,6 +171,14 @@ class EmuColumnParallelLinear(_FP8Mixin, ColumnParallelLinear):
 class EmuRowParallelLinear(_FP8Mixin, RowParallelLinear):
     """RowParallelLinear whose GEMMs run in FP8 once `fp8_state` is set; its output reduction stays megatron's."""
 
+    fp64_output = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._replay_scales: list = []
+
+    def forward(self, input_):
+        output, output_bias = super().forward(input_)
+        if output.dtype == torch.float64 and input_.dtype != torch.float64:
+            output = output.to(input_.dtype)                          # TP-invariant mode: round the reduced sum
+        return output, output_bias
