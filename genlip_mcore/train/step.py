@@ -21,7 +21,7 @@ from torch.profiler import record_function
 
 from genlip_mcore.data.batch import Batch
 from genlip_mcore.model.attention import build_packed_params
-from genlip_mcore.model.fp8.attach import begin_step, chunk_states, delayed_update
+from genlip_mcore.model.fp8.attach import begin_step, chunk_states, delayed_update, unwrap
 
 # The profiler range around the update (finiteness decision, grad norm, clipping, optimizer, schedule); the GPU
 # check's profile (genlip_mcore/gpucheck/profile.py) attributes everything inside it to the optimizer.
@@ -160,7 +160,12 @@ def _optimizer_step(optimizer, chunks: list):
     """
     if optimizer.prepare_grads():       # a loss scaler's own inf check (none here): step() returns (False, None)
         return False, None
-    grad_norm = optimizer.get_grad_norm()                 # the value clip_grad_norm computes and step() reports
+    if getattr(unwrap(chunks[0]).config, "genlip_tp_invariant", False):      # precision.fp8_tp_invariant
+        from genlip_mcore.model.fp8.invariant import grad_norm_fp64
+
+        grad_norm = grad_norm_fp64(optimizer)
+    else:
+        grad_norm = optimizer.get_grad_norm()             # the value clip_grad_norm computes and step() reports
     if not math.isfinite(grad_norm) and not _grads_finite(chunks):
         return None, None
     chained = hasattr(optimizer, "chained_optimizers")

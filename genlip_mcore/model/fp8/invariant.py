@@ -12,12 +12,14 @@ same number. The GEMMs and their TP reductions are in gemm.py and linear.py; thi
     LayerScale): megatron sums their fp32 per-rank grads over TP at the end of the step; here `tp_sum_fp64` sums
     each micro-batch's float64 partial grads over TP in the backward (their `sequence_parallel` flag is cleared,
     attach.py, so megatron does not sum them again);
-  * the vocabulary-parallel cross-entropy, whose softmax denominator is a sum over the vocabulary shards.
+  * the vocabulary-parallel cross-entropy, whose softmax denominator is a sum over the vocabulary shards;
+  * the gradient norm that sets the clip factor (train/step.py).
 Everything else a layer does is per token or per head, which TP and SP do not split.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -94,3 +96,20 @@ def cross_entropy_fp64(logits: Tensor, labels: Tensor) -> Tensor:
     mine = (local >= 0) & (local < v_local)
     picked = shifted.gather(-1, local.clamp(0, v_local - 1)[:, None])[:, 0] * mine    # [N], 0 off this rank
     return total(shifted.exp().sum(-1)).log() - total(picked)
+
+
+def grad_norm_fp64(optimizer) -> float:
+    """Megatron's gradient norm (`optimizer.get_grad_norm()`: the same main gradients, each TP/DP replica counted
+    once, summed over each sub-optimizer's grad-stats group) with the sum of squares in float64. Megatron's fp32 sum
+    depends on how TP splits the tensors by ~1e-7, and through the clip factor it would move every weight by an
+    ulp; this one agrees across layouts to float64 rounding, so clipping keeps TP=1 and TP=k in step."""
+    total = 0.0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        grads = opt.get_main_grads_for_grad_norm()
+        device = grads[0].device if grads else (torch.device("cuda") if torch.cuda.is_available() else None)
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            sq += g.double().square().sum()
+        dist.all_reduce(sq, group=opt.get_grad_stats_parallel_group())
+        total += sq.item()
+    return math.sqrt(total)
